@@ -1,0 +1,240 @@
+"""git-annex-shell's command line: argv grammar, checks, and dispatch.
+
+This module is on every ssh session's start-up path, so it imports only the standard
+library and small modules of ours; trio, dulwich and msgpack are imported by the commands
+that need them (see annex-shell.md §1 for the grammar reproduced here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from shell import restrict
+from shell.errors import ShellError
+
+# Bounds on what a peer can make us parse (security.md rows 3 and 4): real commands are a
+# few hundred bytes and a handful of words.
+MAX_ARGV_BYTES = 64 * 1024
+MAX_ARGS = 4096
+
+USAGE = """\
+Usage: git-annex-shell [-c] command [parameters ...] [option ...]
+
+Plumbing commands:
+
+configlist directory                    outputs relevant git configuration
+p2pstdio directory uuid                 communicate in P2P protocol over stdio
+notifychanges directory                 sends notification when git refs are changed
+inannex directory [KEY ...]             checks if keys are present in the annex
+sendkey directory KEY                   runs rsync in server mode to send content
+recvkey directory KEY                   runs rsync in server mode to receive content
+dropkey directory [KEY ...]             drops annexed content for specified keys
+gcryptsetup directory gcryptid          sets up gcrypt repository
+noderpc directory                       serve a proxy's node RPC on stdio (annexproxy)
+"""
+
+# Command name -> least mode it needs (annex-shell.md §2, security.md).
+BUILTINS: dict[str, restrict.Mode] = {
+    "configlist": restrict.Mode.READONLY,
+    "p2pstdio": restrict.Mode.READONLY,
+    "notifychanges": restrict.Mode.READONLY,
+    "inannex": restrict.Mode.READONLY,
+    "sendkey": restrict.Mode.READONLY,
+    "recvkey": restrict.Mode.APPENDONLY,
+    "dropkey": restrict.Mode.READWRITE,
+    "gcryptsetup": restrict.Mode.READWRITE,
+}
+
+# git-annex's common options that git-annex-shell accepts and ignores (or uses, for --force).
+FLAG_OPTIONS = frozenset(
+    {
+        "--debug", "--no-debug", "--quiet", "-q", "--verbose", "-v", "--force", "--fast",
+        "--json", "--json-progress", "--json-error-messages", "--batch", "-z",
+        "--mincopies", "--numcopies",
+    }
+)  # fmt: skip
+VALUE_OPTIONS = frozenset({"--uuid", "--debugfilter", "-c", "--config", "--time-limit"})
+
+
+def shell_unescape(text: str) -> list[str]:
+    """Split a command string as git-annex's shellUnEscape does (not as POSIX sh does).
+
+    Every single space ends a word (two spaces give an empty word), '...' and "..." quote
+    literally, and backslash has no meaning. Nothing here is ever given to a shell.
+    """
+    words: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        word: list[str] = []
+        while i < n:
+            ch = text[i]
+            i += 1
+            if ch == " ":
+                break
+            if ch in "'\"":
+                close = text.find(ch, i)
+                if close < 0:
+                    word.append(text[i:])
+                    i = n
+                else:
+                    word.append(text[i:close])
+                    i = close + 1
+                continue
+            word.append(ch)
+        words.append("".join(word))
+    return words
+
+
+def partition_params(params: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Split `PARAMS -- FIELDS -- EXTRA` at the `--` markers."""
+    segments: list[list[str]] = [[]]
+    for p in params:
+        if p == "--":
+            segments.append([])
+        else:
+            segments[-1].append(p)
+    if len(segments) == 1:
+        return segments[0], [], []
+    extra: list[str] = []
+    for seg in segments[2:]:
+        if extra:
+            extra.append("--")
+        extra.extend(seg)
+    return segments[0], segments[1], extra
+
+
+def allowed_fields(fieldparams: list[str]) -> dict[str, str]:
+    """Keep only the whitelisted `name=value` fields; drop the rest silently, as git-annex."""
+    fields: dict[str, str] = {}
+    for fp in fieldparams:
+        name, eq, value = fp.partition("=")
+        if not eq:
+            continue
+        if name == "remoteuuid" and value and all(c.isalnum() or c == "-" for c in value):
+            fields[name] = value
+        elif name == "autoinit" and value == "1":
+            fields[name] = value
+    return fields
+
+
+@dataclass
+class Invocation:
+    """A parsed builtin command line."""
+
+    command: str
+    directory: str
+    args: list[str]
+    uuid: str | None = None
+    force: bool = False
+    debug: bool = False
+    fields: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_builtin(command: str, directory: str, params: list[str]) -> Invocation:
+    plain, fieldparams, extra = partition_params(params)
+    inv = Invocation(command, directory, [], fields=allowed_fields(fieldparams), extra=extra)
+    i = 0
+    while i < len(plain):
+        word = plain[i]
+        i += 1
+        name, eq, inline = word.partition("=")
+        if word.startswith("-") and word != "-":
+            if name in VALUE_OPTIONS:
+                if eq:
+                    value = inline
+                elif i < len(plain):
+                    value = plain[i]
+                    i += 1
+                else:
+                    raise ShellError(f"option {name} needs a value")
+                if name == "--uuid":
+                    inv.uuid = value
+            elif word in FLAG_OPTIONS:
+                inv.force |= word == "--force"
+                inv.debug |= word == "--debug"
+            elif word.startswith("-J") or name == "--jobs":
+                if name == "--jobs" and not eq:
+                    i += 1
+            else:
+                raise ShellError(f"invalid option {word}")
+        else:
+            inv.args.append(word)
+    return inv
+
+
+def run_builtin(inv: Invocation) -> int:
+    # Order as git-annex: mode checks, then the directory check, then the repository.
+    restrict.check_mode(BUILTINS[inv.command])
+    restrict.check_directory(inv.directory)
+    from shell import commands  # noqa: PLC0415 - keeps argument errors cheap
+
+    return commands.run(inv)
+
+
+def external(params: list[str]) -> int:
+    from shell import passthrough  # noqa: PLC0415
+
+    return passthrough.run(params)
+
+
+def dispatch(argv: list[str]) -> int:
+    while argv and argv[0] == "-c":
+        argv = argv[1:]
+    if not argv:
+        raise ShellError("bad parameters\n\n" + USAGE)
+    if len(argv) == 1:
+        cmd = argv[0]
+        if cmd.startswith("git-annex-shell "):
+            return dispatch(shell_unescape(cmd)[1:])
+        if cmd in BUILTINS:
+            raise ShellError("bad parameters\n\n" + USAGE)
+        return external(argv)
+    cmd, directory, *params = argv
+    if cmd in BUILTINS:
+        return run_builtin(parse_builtin(cmd, directory, params))
+    return external(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        if len(argv) > MAX_ARGS or sum(len(a) + 1 for a in argv) > MAX_ARGV_BYTES:
+            raise ShellError("command line too long")
+        return dispatch(argv)
+    except ShellError as exc:
+        sys.stdout.flush()
+        sys.stderr.write(f"git-annex-shell: {exc.message}\n")
+        sys.stderr.flush()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 1
+    except BrokenPipeError:
+        # The client went away; nothing useful can be said to it.
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def entry() -> None:
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        code = code or 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,357 @@
+"""The p2pstdio session for a plain repository (p2p-protocol.md §5-8).
+
+One request at a time, as the protocol demands. The filesystem calls are synchronous on
+purpose: they are page-cache writes and small metadata operations, and a session serves
+exactly one client, so there is nothing for the event loop to do meanwhile. trio is here
+for bounded waits on the peer and for the proxy, which shares this module's conventions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import BinaryIO
+
+import trio
+
+from git_remote_annexproxy import p2p
+from git_remote_annexproxy.branch import AnnexBranch
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.p2pchannel import (
+    ChannelTimeout,
+    P2PChannel,
+    restore_stdio,
+    stdio_channel,
+)
+from git_remote_annexproxy.store import AnnexStore, ContentLocked, Receive, TransferInProgress
+from shell import restrict
+from shell.repo import Repo
+
+MAX_VERSION = 4
+SEND_PIECE = 1 << 20
+
+
+class SessionEnd(Exception):
+    """The session is over; `code` is the process exit status."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def warn(message: str) -> None:
+    """A line on stderr, which git-annex shows to its user; stdout is the protocol."""
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (BlockingIOError, BrokenPipeError, OSError):
+        pass
+
+
+def monotonic_seconds() -> int:
+    # git-annex's timestamps are whole seconds of the monotonic clock (seconds since boot
+    # on Linux), so REMOVE-BEFORE deadlines agree across sessions on the same machine.
+    return int(time.monotonic())
+
+
+class PlainSession:
+    """Serves one client against this repository's own annex."""
+
+    def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str) -> None:
+        assert repo.uuid is not None
+        self.repo = repo
+        self.uuid: str = repo.uuid
+        self.channel = channel
+        self.client_uuid = client_uuid
+        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
+        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
+        self.mode = restrict.server_mode()
+        self.version = 0
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def send(self, *messages: p2p.Message) -> None:
+        await self.channel.send(*messages)
+
+    async def event(self) -> p2p.Event:
+        event = await self.channel.next_event()
+        if isinstance(event, p2p.ConnectionClosed):
+            raise SessionEnd(0)
+        return event
+
+    async def refuse_write(self, removal: bool) -> bool:
+        """Answer ERROR and return True when the mode forbids this request."""
+        if self.mode == restrict.Mode.READONLY:
+            await self.send(p2p.Error(restrict.READONLY_DENIED))
+            return True
+        if removal and self.mode == restrict.Mode.APPENDONLY:
+            await self.send(p2p.Error(restrict.APPENDONLY_DENIED))
+            return True
+        return False
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.send(p2p.AuthSuccess(self.uuid))
+        while True:
+            event = await self.event()
+            await self.handle(event)
+
+    async def handle(self, event: p2p.Event) -> None:
+        match event:
+            case p2p.Version(n):
+                self.version = min(n, MAX_VERSION)
+                await self.send(p2p.Version(self.version))
+            case p2p.Bypass():
+                pass  # only gateways act on BYPASS
+            case p2p.CheckPresent(key):
+                await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
+            case p2p.LockContent(key):
+                await self.lock_content(key)
+            case p2p.Remove(key):
+                if not await self.refuse_write(removal=True):
+                    await self.remove(key, deadline=None)
+            case p2p.RemoveBefore(ts, key):
+                if not await self.refuse_write(removal=True):
+                    await self.remove(key, deadline=ts)
+            case p2p.GetTimestamp():
+                await self.send(p2p.Timestamp(monotonic_seconds()))
+            case p2p.Put(af, key):
+                if not await self.refuse_write(removal=False):
+                    await self.put(af, key)
+            case p2p.Get(offset, af, key):
+                await self.get(offset, af, key)
+            case p2p.Connect(_service):
+                raise SessionEnd(1, "relaying to git not supported on this connection")
+            case p2p.NotifyChange():
+                raise SessionEnd(1, "change notification not available")
+            case p2p.Error():
+                raise SessionEnd(0)
+            case p2p.Unparsable():
+                await self.send(p2p.Error("unknown command"))
+            case p2p.Data():
+                await self.drain_body()
+                await self.send(p2p.Error("unexpected command"))
+            case _:
+                await self.send(p2p.Error("unexpected command"))
+
+    async def drain_body(self) -> int:
+        """Consume a DATA payload we will not use; returns its size."""
+        total = 0
+        while True:
+            event = await self.event()
+            if isinstance(event, p2p.BodyEnd):
+                return total
+            assert isinstance(event, p2p.Body)
+            total += len(event.data)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def lock_content(self, key: Key) -> None:
+        if not self.store.has(key):
+            await self.send(p2p.Failure())
+            return
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.store.lock_shared(key))
+                self.store.write_retention(key)
+            except (ContentLocked, FileNotFoundError):
+                await self.send(p2p.Failure())
+                return
+            await self.send(p2p.Success())
+            try:
+                event = await self.channel.next_event()
+            except ChannelTimeout:
+                # The retention file keeps the content for its 10 minutes regardless.
+                raise SessionEnd(1, "client held a content lock past the idle timeout") from None
+            if isinstance(event, p2p.ConnectionClosed):
+                # Connection lost while locked: the drop proof relies on the retention
+                # file outliving us, so it is left in place.
+                raise SessionEnd(0)
+            self.store.clear_retention(key)
+            if not isinstance(event, p2p.UnlockContent):
+                if isinstance(event, p2p.Data):
+                    await self.drain_body()
+                await self.send(p2p.Error("expected UNLOCKCONTENT"))
+
+    async def remove(self, key: Key, deadline: int | None) -> None:
+        if not self.store.has(key):
+            await self.send(p2p.Success())
+            return
+        if deadline is not None and monotonic_seconds() >= deadline:
+            await self.send(p2p.Failure())
+            return
+        try:
+            gone = self.store.remove(key)
+        except ContentLocked:
+            # git-annex-shell dies silently here; a clear answer is better (spec §7).
+            warn("  content is locked")
+            await self.send(p2p.Failure())
+            return
+        except OSError as exc:
+            warn(f"  cannot remove content: {exc.strerror}")
+            await self.send(p2p.Failure())
+            return
+        if gone:
+            self.branch.log_presence(key, self.uuid, present=False)
+        await self.send(p2p.Success() if gone else p2p.Failure())
+
+    async def put(self, af: str | None, key: Key) -> None:
+        if self.store.has(key):
+            await self.send(p2p.AlreadyHave())
+            return
+        try:
+            receive = self.store.begin_receive(key)
+        except TransferInProgress:
+            await self.send(p2p.Error("transfer already in progress, or unable to take transfer lock"))
+            return
+        with ExitStack() as stack:
+            stack.enter_context(receive)
+            stack.enter_context(self.store.transfer("download", self.client_uuid, key, af))
+            await self.send(p2p.PutFrom(receive.offset))
+            event = await self.event()
+            if isinstance(event, p2p.DataPresent):
+                await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
+                return
+            if not isinstance(event, p2p.Data):
+                if isinstance(event, p2p.ConnectionClosed):
+                    raise SessionEnd(0)
+                await self.send(p2p.Error("expected DATA"))
+                return
+            ok = await self.receive_body(receive, key, event.length)
+            if ok and self.version >= 1:
+                validity = await self.event()
+                if isinstance(validity, p2p.Invalid) and event.length == 0:
+                    # "DATA 0" + INVALID: the sender had nothing to send.
+                    await self.send(p2p.Failure())
+                    return
+                if not isinstance(validity, p2p.Valid | p2p.Invalid):
+                    await self.send(p2p.Error("expected VALID or INVALID"))
+                    return
+            elif not ok and self.version >= 1:
+                await self.event()  # the VALID/INVALID that follows a refused body
+            if not ok:
+                await self.send(p2p.Failure())
+                return
+            try:
+                stored = receive.finish()
+            except OSError as exc:
+                warn(f"  cannot store content: {exc.strerror}")
+                await self.send(p2p.Failure())
+                return
+            if not stored:
+                warn("  Verification of content failed")
+                await self.send(p2p.Failure())
+                return
+            # Only now, with the object durable on disk, is the location recorded.
+            self.branch.log_presence(key, self.uuid, present=True)
+            await self.send(p2p.Success())
+
+    async def receive_body(self, receive: Receive, key: Key, length: int) -> bool:
+        """Write the DATA payload into the partial; False if it cannot be the content.
+
+        Leaving without `finish()` keeps the partial, so a cut transfer resumes.
+        """
+        if key.size is not None and receive.offset + length != key.size:
+            # Wrong size: refuse before writing anything (security.md row 18).
+            await self.drain_body()
+            return False
+        while True:
+            try:
+                event = await self.channel.next_event()
+            except ChannelTimeout:
+                raise SessionEnd(1, "client stopped sending content") from None
+            if isinstance(event, p2p.BodyEnd):
+                return True
+            if isinstance(event, p2p.ConnectionClosed):
+                # Cut mid-transfer: the partial stays for a resumed PUT.
+                raise SessionEnd(0)
+            assert isinstance(event, p2p.Body)
+            receive.write(event.data)
+
+    async def get(self, offset: int, af: str | None, key: Key) -> None:
+        with ExitStack() as stack:
+            fh: BinaryIO | None = None
+            try:
+                stack.enter_context(self.store.lock_shared(key))
+                fh = self.store.open_object(key)
+            except (ContentLocked, FileNotFoundError):
+                fh = None
+            if fh is None:
+                await self.send(p2p.Data(0))
+                if self.version >= 1:
+                    await self.send(p2p.Invalid())
+                await self.read_verdict()
+                return
+            stack.enter_context(fh)
+            stack.enter_context(self.store.transfer("upload", self.client_uuid, key, af))
+            size = _fsize(fh)
+            length = max(size - offset, 0)
+            if length:
+                fh.seek(offset)
+            await self.channel.send_data(_pieces(fh, length), length)
+            if self.version >= 1:
+                changed = _fsize(fh) != size
+                await self.send(p2p.Invalid() if changed else p2p.Valid())
+        await self.read_verdict()
+
+    async def read_verdict(self) -> None:
+        """The client's SUCCESS/FAILURE after a GET; the server only reads it."""
+        event = await self.event()
+        if not isinstance(event, p2p.Success | p2p.Failure):
+            await self.handle(event)
+
+
+def _fsize(fh: BinaryIO) -> int:
+    import os  # noqa: PLC0415
+
+    return os.fstat(fh.fileno()).st_size
+
+
+def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:
+    remaining = length
+    while remaining > 0:
+        piece = fh.read(min(SEND_PIECE, remaining))
+        if not piece:
+            return
+        remaining -= len(piece)
+        yield piece
+
+
+async def _serve(repo: Repo, client_uuid: str) -> int:
+    channel = stdio_channel()
+    session = PlainSession(repo, channel, client_uuid)
+    code = 0
+    try:
+        await session.run()
+    except SessionEnd as end:
+        code = end.code
+        if end.message:
+            warn(f"git-annex-shell: {end.message}")
+    except p2p.RemoteProtocolError:
+        warn("git-annex-shell: protocol error")
+        code = 1
+    except ChannelTimeout as exc:
+        warn(f"git-annex-shell: {exc}")
+        code = 1
+    except (trio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
+        code = 1
+    finally:
+        # The journal is committed however the session ended (spec §5).
+        try:
+            session.branch.commit()
+        except Exception as exc:  # noqa: BLE001 - never lose the exit path over it
+            warn(f"git-annex-shell: could not commit the git-annex branch: {exc}")
+            code = 1
+        await channel.aclose()
+    return code
+
+
+def serve(repo: Repo, client_uuid: str) -> int:
+    try:
+        return trio.run(_serve, repo, client_uuid)
+    finally:
+        restore_stdio()

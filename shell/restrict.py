@@ -1,0 +1,97 @@
+"""The four GIT_ANNEX_SHELL_* restriction variables, in one place.
+
+An admin sets them in the forced command of an ssh key. "Set" means present and non-empty,
+as in git-annex. The messages are git-annex's own, because clients show them to users and
+scripts match on them.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import posixpath
+from collections.abc import Mapping
+
+from shell.errors import ShellError
+
+READONLY = "GIT_ANNEX_SHELL_READONLY"
+APPENDONLY = "GIT_ANNEX_SHELL_APPENDONLY"
+LIMITED = "GIT_ANNEX_SHELL_LIMITED"
+DIRECTORY = "GIT_ANNEX_SHELL_DIRECTORY"
+
+# P2P answers in p2pstdio (p2p-protocol.md §8).
+READONLY_DENIED = "this repository is read-only; write access denied"
+APPENDONLY_DENIED = "this repository is append-only; removal denied"
+
+
+class Mode(enum.IntEnum):
+    """What a session may do; ordered so that `mode >= needed` means allowed."""
+
+    READONLY = 0
+    APPENDONLY = 1
+    READWRITE = 2
+
+
+def _is_set(env: Mapping[str, str], name: str) -> bool:
+    return bool(env.get(name))
+
+
+def server_mode(env: Mapping[str, str] = os.environ) -> Mode:
+    # READONLY takes precedence over APPENDONLY.
+    if _is_set(env, READONLY):
+        return Mode.READONLY
+    if _is_set(env, APPENDONLY):
+        return Mode.APPENDONLY
+    return Mode.READWRITE
+
+
+def check_mode(needed: Mode, env: Mapping[str, str] = os.environ) -> None:
+    """Refuse a builtin that needs more than the session's mode allows."""
+    if needed > Mode.READONLY and _is_set(env, READONLY):
+        raise ShellError(f"Action blocked by {READONLY}")
+    if needed > Mode.APPENDONLY and _is_set(env, APPENDONLY):
+        raise ShellError(f"Action blocked by {APPENDONLY}")
+
+
+def check_not_limited(env: Mapping[str, str] = os.environ) -> None:
+    if _is_set(env, LIMITED):
+        raise ShellError(f"Action blocked by {LIMITED}")
+
+
+def _canonical(home: str, path: str) -> str:
+    """git-annex's canonical form for comparing directories: `~/...` relative to HOME.
+
+    `..` is resolved lexically; symlinks are deliberately not followed, so an alias through
+    a symlink does not match (the admin named one path, only that path is allowed).
+    """
+    if path.startswith("~/"):
+        return path
+    if path.startswith("/~/"):
+        return path[1:]
+    absolute = posixpath.normpath(posixpath.join(home, path))
+    home_norm = posixpath.normpath(home) if home else ""
+    if home_norm and home_norm != "/":
+        if absolute == home_norm:
+            return "~"
+        if absolute.startswith(home_norm + "/"):
+            return "~/" + absolute[len(home_norm) + 1 :]
+    return absolute
+
+
+def check_directory(directory: str | None, env: Mapping[str, str] = os.environ) -> None:
+    """Enforce GIT_ANNEX_SHELL_DIRECTORY against the directory a command names."""
+    allowed = env.get(DIRECTORY)
+    if not allowed:
+        return
+    if directory is None:
+        raise ShellError(
+            f"Only allowed to access {allowed} and could not determine directory "
+            "from command line"
+        )
+    if allowed == directory:
+        return
+    home = env.get("HOME", "")
+    canon_allowed = _canonical(home, allowed)
+    canon_dir = _canonical(home, directory)
+    if canon_allowed.rstrip("/") != canon_dir.rstrip("/"):
+        raise ShellError(f"Only allowed to access {canon_allowed} not {canon_dir}")

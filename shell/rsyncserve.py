@@ -1,0 +1,69 @@
+"""`sendkey` / `recvkey`: content over rsync in server mode (used by gcrypt remotes).
+
+rsync is run with an argv list (never a shell), with git-annex's server parameters, and the
+client's extra options are filtered down to the ones that cannot name files or programs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from git_remote_annexproxy.keys import Key
+from shell.errors import ShellError
+from shell.repo import Repo
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from shell.cli import Invocation
+
+# git-annex's rsyncServerParams: timestamps, in-place writes (so a cut transfer resumes),
+# and the options rsync itself passes to a server.
+SERVER_PARAMS = ["--server", "-t", "--inplace", "-e.Lsf", "."]
+
+# Options a client may add: only ones that take no path and run no program.
+SAFE_OPTION_PREFIXES = ("--bwlimit=",)
+
+
+def safe_options(extra: list[str]) -> list[str]:
+    words = " ".join(extra).split()
+    return [w for w in words if w.startswith(SAFE_OPTION_PREFIXES)]
+
+
+def _rsync(args: list[str]) -> int:
+    try:
+        return subprocess.run(["rsync", *args], check=False).returncode
+    except FileNotFoundError:
+        raise ShellError("rsync is not installed on the server") from None
+
+
+def send(repo: Repo, key: Key, inv: Invocation) -> int:
+    from git_remote_annexproxy.store import AnnexStore  # noqa: PLC0415
+
+    store = AnnexStore(repo.gitdir, bare=repo.bare)
+    path = store.find_object(key)
+    if path is None:
+        raise ShellError("requested key is not present")
+    remote = inv.fields.get("remoteuuid", "")
+    with store.lock_shared(key), store.transfer("upload", remote or "unknown", key, None):
+        code = _rsync([*SERVER_PARAMS[:1], "--sender", *SERVER_PARAMS[1:], *safe_options(inv.extra), str(path)])
+    return 0 if code == 0 else 1
+
+
+def receive(repo: Repo, key: Key, inv: Invocation) -> int:
+    from git_remote_annexproxy.branch import AnnexBranch  # noqa: PLC0415
+    from git_remote_annexproxy.store import AnnexStore  # noqa: PLC0415
+
+    store = AnnexStore(repo.gitdir, bare=repo.bare)
+    if store.has(key):
+        return 0
+    remote = inv.fields.get("remoteuuid", "")
+    with store.begin_receive(key) as rec, store.transfer("download", remote or "unknown", key, None):
+        # rsync writes the partial file in place; the store then re-verifies it whole.
+        rec.close_writer()
+        code = _rsync([*SERVER_PARAMS, *safe_options(inv.extra), os.fspath(rec.path)])
+        if code != 0 or not rec.finish(reverify=True):
+            raise ShellError("content received by rsync failed verification")
+    assert repo.uuid is not None
+    AnnexBranch(repo.gitdir, repo.annexdir).log_presence(key, repo.uuid, present=True)
+    return 0
