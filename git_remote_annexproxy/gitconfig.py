@@ -123,8 +123,10 @@ def parse_config(text: str) -> Iterator[tuple[str, str]]:
             raise ConfigError(f"variable outside any section on line {lineno}")
         name, eq, rest = line.partition("=")
         name = name.strip()
-        if not name or not (name[0].isascii() and name[0].isalpha()) or not all(
-            c.isascii() and (c.isalnum() or c == "-") for c in name
+        if (
+            not name
+            or not (name[0].isascii() and name[0].isalpha())
+            or not all(c.isascii() and (c.isalnum() or c == "-") for c in name)
         ):
             raise ConfigError(f"bad variable name on line {lineno}")
         key = f"{section}.{name.lower()}"

@@ -7,6 +7,7 @@ sending or stops reading is cut off after `idle_timeout` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 
@@ -82,10 +83,8 @@ class P2PChannel:
 
     async def aclose(self) -> None:
         for stream in (self._send, self._receive):
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
 
 
 def stdio_channel(*, idle_timeout: float = 7200.0) -> P2PChannel:
@@ -102,7 +101,5 @@ def stdio_channel(*, idle_timeout: float = 7200.0) -> P2PChannel:
 
 def restore_stdio() -> None:
     for fd in (0, 1):
-        try:
+        with contextlib.suppress(OSError):
             os.set_blocking(fd, True)
-        except OSError:
-            pass

@@ -112,9 +112,8 @@ def allowed_fields(fieldparams: list[str]) -> dict[str, str]:
         name, eq, value = fp.partition("=")
         if not eq:
             continue
-        if name == "remoteuuid" and value and all(c.isalnum() or c == "-" for c in value):
-            fields[name] = value
-        elif name == "autoinit" and value == "1":
+        uuid_ok = name == "remoteuuid" and value and all(c.isalnum() or c == "-" for c in value)
+        if uuid_ok or (name == "autoinit" and value == "1"):
             fields[name] = value
     return fields
 

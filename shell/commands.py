@@ -7,7 +7,6 @@ commands that need them, so `configlist` stays cheap.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -87,14 +86,9 @@ def cmd_configlist(inv: Invocation) -> int:
 
 
 def _description(repo: Repo) -> str:
-    import pwd  # noqa: PLC0415
-    import socket  # noqa: PLC0415
+    from git_remote_annexproxy.branch import default_description  # noqa: PLC0415
 
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = str(os.geteuid())
-    return f"{user}@{socket.gethostname()}:{repo.path}"
+    return default_description(repo.path)
 
 
 def _store(repo: Repo):  # type: ignore[no-untyped-def]  # refined once store lands

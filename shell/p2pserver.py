@@ -206,7 +206,9 @@ class PlainSession:
         try:
             receive = self.store.begin_receive(key)
         except TransferInProgress:
-            await self.send(p2p.Error("transfer already in progress, or unable to take transfer lock"))
+            await self.send(
+                p2p.Error("transfer already in progress, or unable to take transfer lock")
+            )
             return
         with ExitStack() as stack:
             stack.enter_context(receive)
@@ -343,7 +345,7 @@ async def _serve(repo: Repo, client_uuid: str) -> int:
         # The journal is committed however the session ended (spec §5).
         try:
             session.branch.commit()
-        except Exception as exc:  # noqa: BLE001 - never lose the exit path over it
+        except Exception as exc:
             warn(f"git-annex-shell: could not commit the git-annex branch: {exc}")
             code = 1
         await channel.aclose()

@@ -35,8 +35,10 @@ def run(params: list[str]) -> int:
     git_params, _, _ = partition_params(params)
     restrict.check_directory(last_word)
     restrict.check_not_limited()
-    if git_params and _service(git_params[0]) == "git-upload-archive" and not os.environ.get(
-        ALLOW_ARCHIVE_ENV
+    if (
+        git_params
+        and _service(git_params[0]) == "git-upload-archive"
+        and not os.environ.get(ALLOW_ARCHIVE_ENV)
     ):
         raise ShellError(f"git-upload-archive is disabled here (set {ALLOW_ARCHIVE_ENV}=1)")
     sys.stdout.flush()

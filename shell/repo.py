@@ -65,9 +65,7 @@ def _not_a_repo(path: Path) -> ShellError:
 
 
 def _looks_like_gitdir(path: Path) -> bool:
-    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (
-        path / "config"
-    ).is_file()
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "config").is_file()
 
 
 def _gitfile_target(dotgit: Path) -> Path | None:

@@ -85,8 +85,7 @@ def check_directory(directory: str | None, env: Mapping[str, str] = os.environ) 
         return
     if directory is None:
         raise ShellError(
-            f"Only allowed to access {allowed} and could not determine directory "
-            "from command line"
+            f"Only allowed to access {allowed} and could not determine directory from command line"
         )
     if allowed == directory:
         return

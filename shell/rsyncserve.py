@@ -46,7 +46,15 @@ def send(repo: Repo, key: Key, inv: Invocation) -> int:
         raise ShellError("requested key is not present")
     remote = inv.fields.get("remoteuuid", "")
     with store.lock_shared(key), store.transfer("upload", remote or "unknown", key, None):
-        code = _rsync([*SERVER_PARAMS[:1], "--sender", *SERVER_PARAMS[1:], *safe_options(inv.extra), str(path)])
+        code = _rsync(
+            [
+                *SERVER_PARAMS[:1],
+                "--sender",
+                *SERVER_PARAMS[1:],
+                *safe_options(inv.extra),
+                str(path),
+            ]
+        )
     return 0 if code == 0 else 1
 
 
@@ -58,7 +66,10 @@ def receive(repo: Repo, key: Key, inv: Invocation) -> int:
     if store.has(key):
         return 0
     remote = inv.fields.get("remoteuuid", "")
-    with store.begin_receive(key) as rec, store.transfer("download", remote or "unknown", key, None):
+    with (
+        store.begin_receive(key) as rec,
+        store.transfer("download", remote or "unknown", key, None),
+    ):
         # rsync writes the partial file in place; the store then re-verifies it whole.
         rec.close_writer()
         code = _rsync([*SERVER_PARAMS, *safe_options(inv.extra), os.fspath(rec.path)])

@@ -11,7 +11,10 @@ from shell.errors import ShellError
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        ("git-annex-shell 'configlist' '/srv/r.git'", ["git-annex-shell", "configlist", "/srv/r.git"]),
+        (
+            "git-annex-shell 'configlist' '/srv/r.git'",
+            ["git-annex-shell", "configlist", "/srv/r.git"],
+        ),
         ("a  b", ["a", "", "b"]),
         ("a ", ["a"]),
         ("'a b' c", ["a b", "c"]),
@@ -29,7 +32,9 @@ def test_shell_unescape(text: str, words: list[str]) -> None:
 
 def test_partition_params() -> None:
     assert cli.partition_params(["a", "--", "x=1", "--", "e1", "--", "e2"]) == (
-        ["a"], ["x=1"], ["e1", "--", "e2"],
+        ["a"],
+        ["x=1"],
+        ["e1", "--", "e2"],
     )
     assert cli.partition_params(["a", "b"]) == (["a", "b"], [], [])
 
@@ -41,7 +46,9 @@ def test_field_whitelist() -> None:
 
 
 def test_parse_builtin_options_anywhere() -> None:
-    inv = cli.parse_builtin("p2pstdio", "/r", ["--debug", "cu", "--uuid", "U", "--", "autoinit=1", "--"])
+    inv = cli.parse_builtin(
+        "p2pstdio", "/r", ["--debug", "cu", "--uuid", "U", "--", "autoinit=1", "--"]
+    )
     assert (inv.args, inv.uuid, inv.debug, inv.fields) == (["cu"], "U", True, {"autoinit": "1"})
     inv = cli.parse_builtin("dropkey", "/r", ["--force", "K1", "K2", "--uuid=V"])
     assert (inv.args, inv.uuid, inv.force) == (["K1", "K2"], "V", True)
@@ -78,10 +85,26 @@ def test_overlong_command_refused(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("env", "needed", "message"),
     [
-        ({"GIT_ANNEX_SHELL_READONLY": "1"}, restrict.Mode.APPENDONLY, "Action blocked by GIT_ANNEX_SHELL_READONLY"),
-        ({"GIT_ANNEX_SHELL_READONLY": "1"}, restrict.Mode.READWRITE, "Action blocked by GIT_ANNEX_SHELL_READONLY"),
-        ({"GIT_ANNEX_SHELL_READONLY": "1", "GIT_ANNEX_SHELL_APPENDONLY": "1"}, restrict.Mode.READWRITE, "Action blocked by GIT_ANNEX_SHELL_READONLY"),
-        ({"GIT_ANNEX_SHELL_APPENDONLY": "1"}, restrict.Mode.READWRITE, "Action blocked by GIT_ANNEX_SHELL_APPENDONLY"),
+        (
+            {"GIT_ANNEX_SHELL_READONLY": "1"},
+            restrict.Mode.APPENDONLY,
+            "Action blocked by GIT_ANNEX_SHELL_READONLY",
+        ),
+        (
+            {"GIT_ANNEX_SHELL_READONLY": "1"},
+            restrict.Mode.READWRITE,
+            "Action blocked by GIT_ANNEX_SHELL_READONLY",
+        ),
+        (
+            {"GIT_ANNEX_SHELL_READONLY": "1", "GIT_ANNEX_SHELL_APPENDONLY": "1"},
+            restrict.Mode.READWRITE,
+            "Action blocked by GIT_ANNEX_SHELL_READONLY",
+        ),
+        (
+            {"GIT_ANNEX_SHELL_APPENDONLY": "1"},
+            restrict.Mode.READWRITE,
+            "Action blocked by GIT_ANNEX_SHELL_APPENDONLY",
+        ),
     ],
 )
 def test_mode_blocks(env: dict[str, str], needed: restrict.Mode, message: str) -> None:
@@ -106,7 +129,10 @@ def test_mode_allows(env: dict[str, str], needed: restrict.Mode) -> None:
 def test_server_mode() -> None:
     assert restrict.server_mode({}) is restrict.Mode.READWRITE
     assert restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t"}) is restrict.Mode.APPENDONLY
-    assert restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t", "GIT_ANNEX_SHELL_READONLY": "t"}) is restrict.Mode.READONLY
+    assert (
+        restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t", "GIT_ANNEX_SHELL_READONLY": "t"})
+        is restrict.Mode.READONLY
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,7 +155,7 @@ def test_directory(allowed: str, given: str, ok: bool) -> None:
     if ok:
         restrict.check_directory(given, env)
     else:
-        with pytest.raises(ShellError, match="^Only allowed to access .* not "):
+        with pytest.raises(ShellError, match=r"^Only allowed to access .* not "):
             restrict.check_directory(given, env)
 
 
@@ -145,18 +171,28 @@ def test_directory_message_is_canonical() -> None:
     )
 
 
-def test_limited_blocks_passthrough(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_limited_blocks_passthrough(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GIT_ANNEX_SHELL_LIMITED", "1")
     code, out, err = run_main(["-c", "git-upload-pack '/srv/r.git'"], capsys)
-    assert (code, out, err) == (1, "", "git-annex-shell: Action blocked by GIT_ANNEX_SHELL_LIMITED\n")
+    assert (code, out, err) == (
+        1,
+        "",
+        "git-annex-shell: Action blocked by GIT_ANNEX_SHELL_LIMITED\n",
+    )
     code, _, err = run_main(["-c", "true"], capsys)
     assert code == 1 and "GIT_ANNEX_SHELL_LIMITED" in err
 
 
-def test_directory_checked_for_passthrough(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_directory_checked_for_passthrough(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GIT_ANNEX_SHELL_DIRECTORY", "/srv/a.git")
     code, _, err = run_main(["-c", "git-upload-pack '/srv/b.git'"], capsys)
-    assert code == 1 and err == "git-annex-shell: Only allowed to access /srv/a.git not /srv/b.git\n"
+    assert (
+        code == 1 and err == "git-annex-shell: Only allowed to access /srv/a.git not /srv/b.git\n"
+    )
 
 
 def test_upload_archive_off_by_default(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ SAMPLES = [
     "[Annex]\n\tUUID = abc\n",
     "[section.Sub]\n\tkey = v\n",
     '[a]\n\tk = "  padded  "\n\tm = one two   three # comment\n\tn = x ; c\n',
-    "[a]\n\tflag\n\tesc = a\\tb\\\\c\\\"d\n",
+    '[a]\n\tflag\n\tesc = a\\tb\\\\c\\"d\n',
     "[a]\n\tlong = first \\\n second\n",
     "# comment\n; another\n[a] k = inline\n",
     "[a]\n\tk = 1\n\tk = 2\n",
@@ -27,7 +27,8 @@ SAMPLES = [
 def git_list(path: Path) -> list[tuple[str, str]]:
     out = subprocess.run(
         ["git", "config", "--file", str(path), "--list", "-z"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     pairs = []
     for item in out.split("\0"):
@@ -73,9 +74,12 @@ def test_rejects_what_git_rejects(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError):
         list(parse_config(text))
-    assert subprocess.run(
-        ["git", "config", "--file", str(path), "--list"], capture_output=True
-    ).returncode != 0
+    assert (
+        subprocess.run(
+            ["git", "config", "--file", str(path), "--list"], capture_output=True, check=False
+        ).returncode
+        != 0
+    )
 
 
 def test_bool() -> None:
