@@ -18,6 +18,7 @@ from shell.repo import Repo, has_annex_branch, open_repo
 if TYPE_CHECKING:
     from git_remote_annexproxy.keys import Key
     from shell.cli import Invocation
+    from shell.proxyselect import Target
 
 # Commands that may run with --uuid naming a repository this one proxies for.
 PROXYABLE = frozenset({"p2pstdio", "notifychanges"})
@@ -33,7 +34,7 @@ def gcrypt_uuid(gcrypt_id: str) -> str:
     return str(uuid.uuid5(namespace, gcrypt_id))
 
 
-def check_uuid(repo: Repo, inv: Invocation) -> str | None:
+def check_uuid(repo: Repo, inv: Invocation) -> Target | None:
     """Check `--uuid`; returns the UUID to proxy for, or None to serve this repository."""
     wanted = inv.uuid
     local = repo.uuid

@@ -1,0 +1,145 @@
+"""What every proxying session does on the client's side of the connection.
+
+The proxy (one node) and the cluster gateway (many) both face a git-annex client over
+p2pstdio, enforce the restriction variables before relaying, log node locations in the
+proxy's own git-annex branch, and end the same way; that is here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from git_remote_annexproxy import p2p
+from git_remote_annexproxy.annexlog import is_cluster_uuid
+from git_remote_annexproxy.branch import AnnexBranch
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+from shell import restrict
+from shell.p2pserver import SessionEnd, warn
+from shell.repo import Repo
+
+# How long one node may take to answer one request (or to move data at all) before only
+# that node's part fails. Admins can change it with git config annexproxy.nodetimeout.
+DEFAULT_NODE_TIMEOUT = 120.0
+
+
+def node_timeout(repo: Repo) -> float:
+    value = repo.config.get("annexproxy.nodetimeout")
+    try:
+        return float(value) if value else DEFAULT_NODE_TIMEOUT
+    except ValueError:
+        return DEFAULT_NODE_TIMEOUT
+
+
+def annex_jobs(repo: Repo) -> int:
+    value = (repo.config.get("annex.jobs") or "1").strip()
+    if value == "cpus":
+        return os.cpu_count() or 1
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+class FrontSession:
+    """The client-facing half of a proxying session."""
+
+    def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str, served: str) -> None:
+        assert repo.uuid is not None
+        self.repo = repo
+        self.own_uuid: str = repo.uuid
+        self.served = served  # the UUID the client addressed (node or cluster)
+        self.channel = channel
+        self.client_uuid = client_uuid
+        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
+        self.mode = restrict.server_mode()
+        self.version: int | None = None  # None until negotiated; a v0 client never does
+        self.timeout = node_timeout(repo)
+
+    @property
+    def v(self) -> int:
+        return self.version or 0
+
+    async def send(self, *messages: p2p.Message) -> None:
+        await self.channel.send(*messages)
+
+    async def event(self) -> p2p.Event:
+        event = await self.channel.next_event()
+        if isinstance(event, p2p.ConnectionClosed):
+            raise SessionEnd(0)
+        return event
+
+    async def refuse_write(self, removal: bool) -> bool:
+        if self.mode == restrict.Mode.READONLY:
+            await self.send(p2p.Error(restrict.READONLY_DENIED))
+            return True
+        if removal and self.mode == restrict.Mode.APPENDONLY:
+            await self.send(p2p.Error(restrict.APPENDONLY_DENIED))
+            return True
+        return False
+
+    async def protocol_error(self) -> None:
+        """A message a proxy cannot relay: git-annex answers this and gives up."""
+        await self.send(p2p.Error("protocol error"))
+        raise SessionEnd(1, "protocol error")
+
+    async def not_a_request(self, event: p2p.Event) -> None:
+        """Messages outside the request set, shared by the proxy and the gateway."""
+        match event:
+            case p2p.Error():
+                raise SessionEnd(0)
+            case p2p.Unparsable():
+                await self.send(p2p.Error("unknown command"))
+            case p2p.Bypass():
+                pass
+            case _:
+                await self.protocol_error()
+
+    def log_present(self, key: Key, uuids: list[str] | tuple[str, ...], present: bool) -> None:
+        """Record node locations in the proxy's branch; never a cluster UUID (spec §10)."""
+        for uuid in dict.fromkeys(uuids):
+            if uuid and not is_cluster_uuid(uuid) and uuid != self.own_uuid:
+                self.branch.log_presence(key, uuid, present=present)
+
+    async def read_client_data(self) -> p2p.Event:
+        """The client's answer to PUT-FROM: DATA, DATA-PRESENT, or something wrong."""
+        return await self.event()
+
+    async def client_validity(self) -> bool | None:
+        """VALID/INVALID after the client's DATA (None for a v0 client)."""
+        if self.v < 1:
+            return None
+        event = await self.event()
+        if isinstance(event, p2p.Valid):
+            return True
+        if isinstance(event, p2p.Invalid):
+            return False
+        await self.send(p2p.Error("expected VALID or INVALID"))
+        raise SessionEnd(1, "client sent no VALID or INVALID after DATA")
+
+
+async def run_front(session: FrontSession, run: Callable[[], Awaitable[None]]) -> int:
+    """Run a proxying session to its end; commit the branch however it ended."""
+    code = 0
+    try:
+        await run()
+    except SessionEnd as end:
+        code = end.code
+        if end.message:
+            warn(f"git-annex-shell: {end.message}")
+    except p2p.RemoteProtocolError:
+        warn("git-annex-shell: protocol error")
+        code = 1
+    except ChannelTimeout as exc:
+        warn(f"git-annex-shell: {exc}")
+        code = 1
+    except (trio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
+        code = 1
+    finally:
+        try:
+            session.branch.commit()
+        except Exception as exc:  # the exit path must not be lost over it
+            warn(f"git-annex-shell: could not commit the git-annex branch: {exc}")
+            code = 1
+        await session.channel.aclose()
+    return code

@@ -1,0 +1,380 @@
+"""Links from a proxy or gateway to the repositories behind it.
+
+`NodeLink` is the one interface the proxy and the cluster gateway use; `P2PLink` speaks
+the P2P protocol to any git-annex-shell (ours or git-annex's own), spawned locally for a
+path remote or over ssh. The msgpack-RPC link to our own node worker implements the same
+interface (`rpclink.py`).
+
+Every call that waits on a node is bounded by the caller's `fail_after`; a link that
+breaks raises `NodeError` and is dead from then on, which fails only that node's part.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from git_remote_annexproxy import p2p
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+from shell.proxyselect import Remote, local_path
+
+MAX_VERSION = 4
+# Variables that restrict a session apply to the client in front of us, never to our own
+# hops (the proxy enforces them itself before relaying).
+_SCRUBBED = (
+    "GIT_ANNEX_SHELL_READONLY",
+    "GIT_ANNEX_SHELL_APPENDONLY",
+    "GIT_ANNEX_SHELL_LIMITED",
+    "GIT_ANNEX_SHELL_DIRECTORY",
+    "SSH_ORIGINAL_COMMAND",
+)
+
+
+class NodeError(Exception):
+    """A node failed (unreachable, died, timed out, or broke the protocol)."""
+
+
+class NodeRefused(NodeError):
+    """The node answered ERROR: this request failed, the connection is still usable."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A node's answer to a store or removal: success, and any extra UUIDs it named."""
+
+    ok: bool
+    plus: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AlreadyHave:
+    plus: tuple[str, ...] = ()
+
+
+class Upload(ABC):
+    """One PUT in progress on one node, after the node said where to start."""
+
+    offset: int
+
+    @abstractmethod
+    async def send_data(self, length: int) -> None: ...
+
+    @abstractmethod
+    async def send_piece(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def finish(self, valid: bool | None) -> Outcome:
+        """After all pieces: send the validity (None for a v0 client) and read the answer."""
+
+    @abstractmethod
+    async def data_present(self) -> Outcome: ...
+
+
+class Download(ABC):
+    """One GET in progress: the node's DATA, then its validity, then the client's verdict."""
+
+    length: int
+
+    @abstractmethod
+    def pieces(self) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    async def validity(self) -> bool | None:
+        """VALID -> True, INVALID -> False, None below protocol version 1."""
+
+    @abstractmethod
+    async def verdict(self, ok: bool) -> None: ...
+
+
+class NodeLink(ABC):
+    """A connection to one repository behind us."""
+
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
+        self.uuid = remote.uuid
+        self.version = 0
+
+    @abstractmethod
+    async def open(self, version: int | None, bypass: frozenset[str] = frozenset()) -> None:
+        """Connect and negotiate; `version` None means a v0 client (send no VERSION)."""
+
+    @abstractmethod
+    async def checkpresent(self, key: Key) -> bool: ...
+
+    @abstractmethod
+    async def lockcontent(self, key: Key) -> bool: ...
+
+    @abstractmethod
+    async def unlockcontent(self) -> None: ...
+
+    @abstractmethod
+    async def remove(self, key: Key, before: int | None) -> Outcome: ...
+
+    @abstractmethod
+    async def timestamp(self) -> int: ...
+
+    @abstractmethod
+    async def put(self, af: str | None, key: Key) -> Upload | AlreadyHave: ...
+
+    @abstractmethod
+    async def get(self, offset: int, af: str | None, key: Key) -> Download: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in _SCRUBBED:
+        env.pop(name, None)
+    return env
+
+
+def parse_ssh_url(url: str) -> tuple[str, str | None, str]:
+    """(host, port, path) of an ssh remote URL, path as git-annex sends it (`/~/` for a
+    path relative to the home directory)."""
+    port: str | None = None
+    if url.startswith("ssh://"):
+        hostport, _, path = url[len("ssh://") :].partition("/")
+        path = "/" + path
+        if hostport.startswith("["):
+            host, _, rest = hostport[1:].partition("]")
+            port = rest.lstrip(":") or None
+        else:
+            host, _, port_s = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+            port = port_s or None
+    else:
+        host, _, path = url.partition(":")
+        if not path.startswith("/"):
+            path = "/~/" + path
+    return host, port, path
+
+
+def ssh_argv(remote: Remote, words: list[str]) -> list[str]:
+    """ssh to `remote` running git-annex-shell with `words`, as git-annex builds it
+    (annex-shell.md §7): one remote command string of single-quoted words. A host that
+    starts with `-` is refused: ssh would take it as an option (CVE-2017-12976)."""
+    host, port, _ = parse_ssh_url(remote.url)
+    user_host = host.rpartition("@")[2]
+    if not user_host or host.startswith("-") or (port is not None and not port.isdigit()):
+        raise NodeError(f"refusing to use remote {remote.name} with url {remote.url!r}")
+    shell_cmd = remote.get("shell") or "git-annex-shell"
+    command = " ".join([shell_cmd, *(shlex.quote(w) for w in words)])
+    argv = ["ssh", host, *(remote.get("ssh-options") or "").split()]
+    if port:
+        argv += ["-p", port]
+    return [*argv, "-T", command]
+
+
+def p2pstdio_argv(remote: Remote, proxy_uuid: str) -> list[str]:
+    if remote.is_local:
+        path = local_path(remote.url)
+        # Our own shell, by the interpreter running us: never whichever git-annex-shell
+        # PATH happens to find first.
+        return [sys.executable, "-m", "shell", "p2pstdio", path, proxy_uuid]
+    _, _, path = parse_ssh_url(remote.url)
+    return ssh_argv(remote, ["p2pstdio", path, proxy_uuid, "--uuid", remote.uuid])
+
+
+class P2PLink(NodeLink):
+    """The P2P protocol to a git-annex-shell p2pstdio of the node."""
+
+    def __init__(self, remote: Remote, proxy_uuid: str, *, timeout: float) -> None:
+        super().__init__(remote)
+        self.proxy_uuid = proxy_uuid
+        self.timeout = timeout
+        self.process: trio.Process | None = None
+        self.channel: P2PChannel | None = None
+        self.dead = False
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _chan(self) -> P2PChannel:
+        if self.dead or self.channel is None:
+            raise NodeError(f"{self.remote.name}: connection lost")
+        return self.channel
+
+    async def _send(self, *messages: p2p.Message) -> None:
+        try:
+            await self._chan().send(*messages)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
+            self.dead = True
+            raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
+
+    async def _event(self) -> p2p.Event:
+        try:
+            event = await self._chan().next_event()
+        except (p2p.RemoteProtocolError, ChannelTimeout, trio.BrokenResourceError, OSError) as exc:
+            self.dead = True
+            raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
+        if isinstance(event, p2p.ConnectionClosed):
+            self.dead = True
+            raise NodeError(f"{self.remote.name}: connection closed")
+        return event
+
+    async def _reply(self, *types: type) -> p2p.Event:
+        event = await self._event()
+        if isinstance(event, types):
+            return event
+        if isinstance(event, p2p.Error):
+            raise NodeRefused(self.remote.name, event.text)
+        self.dead = True
+        raise NodeError(f"{self.remote.name}: unexpected {type(event).__name__}")
+
+    # -- the interface -----------------------------------------------------------------
+
+    async def open(self, version: int | None, bypass: frozenset[str] = frozenset()) -> None:
+        argv = p2pstdio_argv(self.remote, self.proxy_uuid)
+        try:
+            self.process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()
+            )
+        except OSError as exc:
+            self.dead = True
+            raise NodeError(f"{self.remote.name}: cannot start {argv[0]}: {exc}") from None
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.channel = P2PChannel(
+            self.process.stdout, self.process.stdin, idle_timeout=self.timeout
+        )
+        auth = await self._reply(p2p.AuthSuccess)
+        assert isinstance(auth, p2p.AuthSuccess)
+        if auth.uuid != self.uuid:
+            self.dead = True
+            raise NodeError(f"{self.remote.name}: expected UUID {self.uuid}, found {auth.uuid}")
+        if version is None:
+            self.version = 0
+            return
+        await self._send(p2p.Version(min(version, MAX_VERSION)))
+        reply = await self._reply(p2p.Version)
+        assert isinstance(reply, p2p.Version)
+        self.version = reply.n
+        if bypass and self.version >= 2:
+            await self._send(p2p.Bypass(tuple(sorted(bypass))))
+
+    async def checkpresent(self, key: Key) -> bool:
+        await self._send(p2p.CheckPresent(key))
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+
+    async def lockcontent(self, key: Key) -> bool:
+        await self._send(p2p.LockContent(key))
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+
+    async def unlockcontent(self) -> None:
+        await self._send(p2p.UnlockContent())
+
+    async def remove(self, key: Key, before: int | None) -> Outcome:
+        if before is not None and self.version >= 3:
+            await self._send(p2p.RemoveBefore(before, key))
+        else:
+            await self._send(p2p.Remove(key))
+        return _outcome(
+            await self._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
+        )
+
+    async def timestamp(self) -> int:
+        await self._send(p2p.GetTimestamp())
+        reply = await self._reply(p2p.Timestamp)
+        assert isinstance(reply, p2p.Timestamp)
+        return reply.ts
+
+    async def put(self, af: str | None, key: Key) -> Upload | AlreadyHave:
+        await self._send(p2p.Put(af, key))
+        reply = await self._reply(p2p.PutFrom, p2p.AlreadyHave, p2p.AlreadyHavePlus)
+        if isinstance(reply, p2p.AlreadyHave):
+            return AlreadyHave()
+        if isinstance(reply, p2p.AlreadyHavePlus):
+            return AlreadyHave(reply.uuids)
+        assert isinstance(reply, p2p.PutFrom)
+        return _P2PUpload(self, reply.offset)
+
+    async def get(self, offset: int, af: str | None, key: Key) -> Download:
+        await self._send(p2p.Get(offset, af, key))
+        reply = await self._reply(p2p.Data)
+        assert isinstance(reply, p2p.Data)
+        return _P2PDownload(self, reply.length)
+
+    async def aclose(self) -> None:
+        self.dead = True
+        if self.channel is not None:
+            with trio.move_on_after(1):
+                await self.channel.aclose()
+        if self.process is not None:
+            with trio.move_on_after(5) as scope:
+                await self.process.wait()
+            if scope.cancelled_caught:
+                self.process.kill()
+                with trio.move_on_after(2):
+                    await self.process.wait()
+
+
+def _outcome(event: p2p.Event) -> Outcome:
+    if isinstance(event, p2p.SuccessPlus):
+        return Outcome(True, event.uuids)
+    if isinstance(event, p2p.FailurePlus):
+        return Outcome(False, event.uuids)
+    return Outcome(isinstance(event, p2p.Success))
+
+
+class _P2PUpload(Upload):
+    def __init__(self, link: P2PLink, offset: int) -> None:
+        self.link = link
+        self.offset = offset
+
+    async def send_data(self, length: int) -> None:
+        await self.link._send(p2p.Data(length))
+
+    async def send_piece(self, data: bytes) -> None:
+        try:
+            await self.link._chan().send_raw(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
+            self.link.dead = True
+            raise NodeError(f"{self.link.remote.name}: {exc or 'connection lost'}") from None
+
+    async def finish(self, valid: bool | None) -> Outcome:
+        if self.link.version >= 1:
+            await self.link._send(p2p.Valid() if valid in (True, None) else p2p.Invalid())
+        return _outcome(
+            await self.link._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
+        )
+
+    async def data_present(self) -> Outcome:
+        await self.link._send(p2p.DataPresent())
+        return _outcome(
+            await self.link._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
+        )
+
+
+class _P2PDownload(Download):
+    def __init__(self, link: P2PLink, length: int) -> None:
+        self.link = link
+        self.length = length
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self.link._event()
+            if isinstance(event, p2p.BodyEnd):
+                return
+            if not isinstance(event, p2p.Body):
+                self.link.dead = True
+                raise NodeError(f"{self.link.remote.name}: bad DATA framing")
+            yield event.data
+
+    async def validity(self) -> bool | None:
+        if self.link.version < 1:
+            return None
+        return isinstance(await self.link._reply(p2p.Valid, p2p.Invalid), p2p.Valid)
+
+    async def verdict(self, ok: bool) -> None:
+        await self.link._send(p2p.Success() if ok else p2p.Failure())
