@@ -19,10 +19,18 @@ from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel
 from shell import gatewayrules as rules
 from shell.front import FrontSession, annex_jobs
-from shell.nodelink import AlreadyHave, NodeError, NodeLink, NodeRefused, Outcome, Upload
+from shell.nodelink import (
+    AlreadyHave,
+    Download,
+    NodeError,
+    NodeLink,
+    NodeRefused,
+    Outcome,
+    Upload,
+    make_link,
+)
 from shell.p2pserver import SessionEnd, monotonic_seconds, warn
 from shell.placement import Placement
-from shell.proxy import make_link
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
 
@@ -190,8 +198,7 @@ class GatewaySession(FrontSession):
             if self.v >= 1:
                 await self.send(p2p.Valid() if valid in (True, None) else p2p.Invalid())
             verdict = await self.event()
-            ok = isinstance(verdict, p2p.Success)
-            await self.call(node, lambda _link, d=download, ok=ok: d.verdict(ok))
+            await self.call(node, _verdict_call(download, isinstance(verdict, p2p.Success)))
             if not isinstance(verdict, p2p.Success | p2p.Failure):
                 await self.handle(verdict)
             return
@@ -344,3 +351,12 @@ class GatewaySession(FrontSession):
             live = survivors
         valid = await self.client_validity()
         return await self.fan_out_uploads([(n, u) for n, u, _ in live], lambda u: u.finish(valid))
+
+
+def _verdict_call(download: Download, ok: bool) -> Callable[[NodeLink], Awaitable[None]]:
+    """Pass the client's verdict on a GET to the node that served it."""
+
+    async def call(_link: NodeLink) -> None:
+        await download.verdict(ok)
+
+    return call

@@ -378,3 +378,8 @@ class _P2PDownload(Download):
 
     async def verdict(self, ok: bool) -> None:
         await self.link._send(p2p.Success() if ok else p2p.Failure())
+
+
+def make_link(remote: Remote, proxy_uuid: str, timeout: float) -> NodeLink:
+    """The link the proxy uses for `remote`."""
+    return P2PLink(remote, proxy_uuid, timeout=timeout)

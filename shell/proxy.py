@@ -12,25 +12,16 @@ import trio
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
-from git_remote_annexproxy.p2pchannel import restore_stdio, stdio_channel
+from git_remote_annexproxy.p2pchannel import P2PChannel, restore_stdio, stdio_channel
 from shell.front import FrontSession, run_front
-from shell.nodelink import AlreadyHave, NodeError, NodeLink, NodeRefused, Outcome, Upload
+from shell.nodelink import AlreadyHave, NodeError, NodeRefused, Outcome, Upload, make_link
 from shell.p2pserver import SessionEnd
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
 
 
-def make_link(remote: Remote, proxy_uuid: str, timeout: float) -> NodeLink:
-    from shell.nodelink import P2PLink  # noqa: PLC0415
-
-    return P2PLink(remote, proxy_uuid, timeout=timeout)
-
-
 class ProxySession(FrontSession):
-    def __init__(self, repo: Repo, channel: object, client_uuid: str, node: Remote) -> None:
-        from git_remote_annexproxy.p2pchannel import P2PChannel  # noqa: PLC0415
-
-        assert isinstance(channel, P2PChannel)
+    def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str, node: Remote) -> None:
         super().__init__(repo, channel, client_uuid, node.uuid)
         self.node = node
         self.link = make_link(node, self.own_uuid, self.timeout)
@@ -51,9 +42,6 @@ class ProxySession(FrontSession):
             await self.handle(first)
         while True:
             await self.handle(await self.event())
-
-    async def node_call(self, what: str) -> None:
-        raise NotImplementedError(what)
 
     async def handle(self, event: p2p.Event) -> None:
         try:
