@@ -86,9 +86,9 @@ show() {
     printf '\n'
     local rc=0
     "$@" 2>&1 | { grep -v -e 'You have enabled concurrency, but git-annex is not able to use ssh' \
-        -e 'annex.sshcaching is not set to true' -e '^ *$' \
+        -e 'annex.sshcaching is not set to true' \
         -e "^WARNING: Location '.*' is ignored" || true; } |
-        sed -e 's/.*\r//' -e 's/^/     /' ||
+        sed -e 's/.*\r//' -e '/^ *$/d' -e 's/^/     /' ||
         rc=$?
     # The command's own status, not the filter's (with pipefail, rc is set from it too).
     return "$rc"

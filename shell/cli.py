@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 
 from shell import restrict
 from shell.errors import ShellError
@@ -36,7 +35,7 @@ noderpc directory                       serve a proxy's node RPC on stdio (annex
 """
 
 # Command name -> least mode it needs (annex-shell.md §2, security.md).
-BUILTINS: dict[str, restrict.Mode] = {
+BUILTINS: dict[str, int] = {
     "configlist": restrict.Mode.READONLY,
     "p2pstdio": restrict.Mode.READONLY,
     "notifychanges": restrict.Mode.READONLY,
@@ -45,6 +44,8 @@ BUILTINS: dict[str, restrict.Mode] = {
     "recvkey": restrict.Mode.APPENDONLY,
     "dropkey": restrict.Mode.READWRITE,
     "gcryptsetup": restrict.Mode.READWRITE,
+    # Our node worker; it enforces the write restrictions per call, like p2pstdio.
+    "noderpc": restrict.Mode.READONLY,
 }
 
 # git-annex's common options that git-annex-shell accepts and ignores (or uses, for --force).
@@ -118,18 +119,32 @@ def allowed_fields(fieldparams: list[str]) -> dict[str, str]:
     return fields
 
 
-@dataclass
 class Invocation:
-    """A parsed builtin command line."""
+    """A parsed builtin command line.
 
-    command: str
-    directory: str
-    args: list[str]
-    uuid: str | None = None
-    force: bool = False
-    debug: bool = False
-    fields: dict[str, str] = field(default_factory=dict)
-    extra: list[str] = field(default_factory=list)
+    A plain class rather than a dataclass: importing dataclasses costs several
+    milliseconds, and this module is on every session's start-up path.
+    """
+
+    __slots__ = ("args", "command", "debug", "directory", "extra", "fields", "force", "uuid")
+
+    def __init__(
+        self,
+        command: str,
+        directory: str,
+        args: list[str],
+        *,
+        fields: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.command = command
+        self.directory = directory
+        self.args = args
+        self.uuid: str | None = None
+        self.force = False
+        self.debug = False
+        self.fields = fields if fields is not None else {}
+        self.extra = extra if extra is not None else []
 
 
 def parse_builtin(command: str, directory: str, params: list[str]) -> Invocation:
@@ -187,7 +202,11 @@ def dispatch(argv: list[str]) -> int:
     if len(argv) == 1:
         cmd = argv[0]
         if cmd.startswith("git-annex-shell "):
-            return dispatch(shell_unescape(cmd)[1:])
+            words = shell_unescape(cmd)[1:]
+            # The byte cap in main() still lets 64 KiB of spaces become 64k words.
+            if len(words) > MAX_ARGS:
+                raise ShellError("command line too long")
+            return dispatch(words)
         if cmd in BUILTINS:
             raise ShellError("bad parameters\n\n" + USAGE)
         return external(argv)
@@ -203,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) > MAX_ARGS or sum(len(a) + 1 for a in argv) > MAX_ARGV_BYTES:
             raise ShellError("command line too long")
+        if any("\0" in a for a in argv):
+            # execve cannot pass one, but main() may be called directly; a NUL would only
+            # reach os.stat as a ValueError traceback.
+            raise ShellError("NUL byte in command line")
         return dispatch(argv)
     except ShellError as exc:
         sys.stdout.flush()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from shell import restrict
 from shell.errors import ShellError
 from shell.repo import Repo, has_annex_branch, open_repo
 
+# typing.TYPE_CHECKING without importing typing (start-up cost).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from git_remote_annexproxy.keys import Key
     from shell.cli import Invocation
@@ -75,7 +76,7 @@ def cmd_configlist(inv: Invocation) -> int:
     repo = open_repo(inv.directory)
     check_uuid(repo, inv)
     uuid = repo.uuid
-    if uuid is None and (inv.fields.get("autoinit") == "1" or has_annex_branch(repo.gitdir)):
+    if uuid is None and (inv.fields.get("autoinit") == "1" or has_annex_branch(repo.gitdir_str)):
         # Autoinit writes the repository, so it counts as an action READONLY blocks.
         restrict.check_mode(restrict.Mode.APPENDONLY)
         from git_remote_annexproxy import branch  # noqa: PLC0415
@@ -214,6 +215,22 @@ def cmd_recvkey(inv: Invocation) -> int:
     return rsyncserve.receive(repo, parse_keys(inv.args)[0], inv)
 
 
+def cmd_noderpc(inv: Invocation) -> int:
+    """Our node worker for a proxy (shell/noderpc.py); never proxied (not in PROXYABLE)."""
+    if len(inv.args) > 1:
+        raise ShellError("noderpc needs a directory and at most the proxy's UUID")
+    client_uuid = inv.args[0] if inv.args else None
+    # It names a directory of transfer records: a UUID's characters only.
+    if client_uuid is not None and not (
+        client_uuid and all(c.isalnum() or c == "-" for c in client_uuid)
+    ):
+        raise ShellError("bad UUID parameter")
+    repo = _local_repo(inv)
+    from shell import noderpc  # noqa: PLC0415
+
+    return noderpc.serve(repo, client_uuid)
+
+
 COMMANDS: dict[str, Callable[[Invocation], int]] = {
     "configlist": cmd_configlist,
     "p2pstdio": cmd_p2pstdio,
@@ -223,6 +240,7 @@ COMMANDS: dict[str, Callable[[Invocation], int]] = {
     "gcryptsetup": cmd_gcryptsetup,
     "sendkey": cmd_sendkey,
     "recvkey": cmd_recvkey,
+    "noderpc": cmd_noderpc,
 }
 
 

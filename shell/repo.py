@@ -11,23 +11,43 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import stat
-from dataclasses import dataclass
-from pathlib import Path
 
 from git_remote_annexproxy.gitconfig import ConfigError, GitConfig, global_config_paths
 from shell.errors import ShellError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
 
-@dataclass(frozen=True)
+
 class Repo:
-    """An opened repository: where its git data and annex data live, and its config."""
+    """An opened repository: where its git data and annex data live, and its config.
 
-    path: Path  # the directory the client named, resolved
-    gitdir: Path  # bare: == path; non-bare: path/.git (or where a gitfile points)
-    bare: bool
-    config: GitConfig
+    A plain class holding strings: dataclasses and pathlib each cost milliseconds to
+    import, and `configlist` runs this on every ssh session. `path`, `gitdir` and
+    `annexdir` give pathlib objects for the commands that want them.
+    """
+
+    __slots__ = ("bare", "config", "gitdir_str", "path_str")
+
+    def __init__(self, path: str, gitdir: str, bare: bool, config: GitConfig) -> None:
+        self.path_str = path  # the directory the client named, resolved
+        self.gitdir_str = gitdir  # bare: == path; non-bare: path/.git (or a gitfile's target)
+        self.bare = bare
+        self.config = config
+
+    @property
+    def path(self) -> Path:
+        from pathlib import Path  # noqa: PLC0415
+
+        return Path(self.path_str)
+
+    @property
+    def gitdir(self) -> Path:
+        from pathlib import Path  # noqa: PLC0415
+
+        return Path(self.gitdir_str)
 
     @property
     def annexdir(self) -> Path:
@@ -38,37 +58,43 @@ class Repo:
         return self.config.get("annex.uuid") or None
 
 
-def resolve_dir(directory: str, home: str | None = None) -> Path:
+def resolve_dir(directory: str, home: str | None = None) -> str:
     """Turn the DIR a client sent into an absolute path (annex-shell.md §1)."""
     if home is None:
         home = os.environ.get("HOME", "/")
     if directory.startswith("/~/") or directory == "/~":
-        return Path(home, directory[3:])
-    if directory.startswith("/~") or directory.startswith("~"):
+        return os.path.join(home, directory[3:])
+    if directory.startswith(("/~", "~")):
         rest = directory[2:] if directory.startswith("/~") else directory[1:]
         user, _, tail = rest.partition("/")
         if not user:
-            return Path(home, tail)
+            return os.path.join(home, tail)
         try:
             user_home = pwd.getpwnam(user).pw_dir
         except KeyError:
             raise ShellError(f"unknown user in directory {directory}") from None
-        return Path(user_home, tail)
-    return Path(home, directory)  # an absolute directory replaces home here
+        return os.path.join(user_home, tail)
+    return os.path.join(home, directory)  # an absolute directory replaces home here
 
 
-def _not_a_repo(path: Path) -> ShellError:
+def _not_a_repo(path: str) -> ShellError:
+    import socket  # noqa: PLC0415 - only this error needs the host name
+
     return ShellError(
         f"failed to read git config of git repository in {socket.gethostname()} on {path}; "
         "perhaps this repository is not set up correctly or has moved"
     )
 
 
-def _looks_like_gitdir(path: Path) -> bool:
-    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "config").is_file()
+def _looks_like_gitdir(path: str) -> bool:
+    return (
+        os.path.isfile(os.path.join(path, "HEAD"))
+        and os.path.isdir(os.path.join(path, "objects"))
+        and os.path.isfile(os.path.join(path, "config"))
+    )
 
 
-def _gitfile_target(dotgit: Path) -> Path | None:
+def _gitfile_target(dotgit: str) -> str | None:
     """The directory a `.git` file (as in worktrees and submodules) points to."""
     try:
         with open(dotgit, "rb") as fh:
@@ -77,20 +103,27 @@ def _gitfile_target(dotgit: Path) -> Path | None:
         return None
     if not text.startswith("gitdir:"):
         return None
-    target = Path(text[len("gitdir:") :].strip())
-    return target if target.is_absolute() else dotgit.parent / target
+    target = text[len("gitdir:") :].strip()
+    return target if os.path.isabs(target) else os.path.join(os.path.dirname(dotgit), target)
 
 
-def _check_ownership(path: Path, config: GitConfig) -> None:
+def _check_ownership(path: str, config: GitConfig) -> None:
     """git's safe.directory rule: a repository owned by someone else is not ours to run."""
     try:
-        owner = os.stat(path).st_uid
+        st = os.stat(path)
     except OSError:
         raise _not_a_repo(path) from None
-    if owner == os.geteuid():
-        return
+    owner = st.st_uid
     allowed = config.get_all("safe.directory")
-    if "*" in allowed or str(path) in allowed or str(path).rstrip("/") + "/" in allowed:
+    if "*" in allowed or path in allowed or path.rstrip("/") + "/" in allowed:
+        return
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        # Any local user could plant config or hooks that we would then obey (security.md
+        # row 9); git itself does not check this, so safe.directory overrides it as well.
+        raise ShellError(
+            f"refusing to use world-writable repository at {path} (see git-config safe.directory)"
+        )
+    if owner == os.geteuid():
         return
     raise ShellError(
         f"detected dubious ownership in repository at {path} (owned by uid {owner}); "
@@ -100,17 +133,17 @@ def _check_ownership(path: Path, config: GitConfig) -> None:
 
 def open_repo(directory: str) -> Repo:
     """Open the repository DIR names, or raise the error git-annex gives."""
-    path = resolve_dir(directory)
+    path = os.path.normpath(resolve_dir(directory))
     try:
         st = os.stat(path)
     except OSError:
         raise _not_a_repo(path) from None
     if not stat.S_ISDIR(st.st_mode):
         raise _not_a_repo(path)
-    dotgit = path / ".git"
-    if dotgit.is_dir():
+    dotgit = os.path.join(path, ".git")
+    if os.path.isdir(dotgit):
         gitdir, bare = dotgit, False
-    elif dotgit.is_file():
+    elif os.path.isfile(dotgit):
         target = _gitfile_target(dotgit)
         if target is None:
             raise _not_a_repo(path)
@@ -120,34 +153,34 @@ def open_repo(directory: str) -> Repo:
     if not _looks_like_gitdir(gitdir):
         raise _not_a_repo(path)
     try:
-        system_and_user = GitConfig.read(global_config_paths())
-        _check_ownership(gitdir, system_and_user)
-        config = GitConfig.read([*global_config_paths(), gitdir / "config"])
+        _check_ownership(gitdir, GitConfig.read(global_config_paths()))
+        config = GitConfig.read([*global_config_paths(), os.path.join(gitdir, "config")])
     except ConfigError as exc:
         raise ShellError(f"bad git config in {path}: {exc}") from None
-    if bare and config.get_bool("core.bare", True) is False and (path / ".git").exists():
-        bare = False
     return Repo(path=path, gitdir=gitdir, bare=bare, config=config)
 
 
-def has_annex_branch(gitdir: Path) -> bool:
+def has_annex_branch(gitdir: str) -> bool:
     """Whether a `git-annex` branch exists locally or as any `*/git-annex` ref.
 
     Read from the ref files directly: this runs inside `configlist`, which must stay cheap.
     """
-    refs = gitdir / "refs"
-    if (refs / "heads" / "git-annex").is_file():
+    refs = os.path.join(gitdir, "refs")
+    if os.path.isfile(os.path.join(refs, "heads", "git-annex")):
         return True
-    for pattern in ("heads/*/git-annex", "remotes/*/git-annex"):
-        if any(p.is_file() for p in refs.glob(pattern)):
-            return True
+    for kind in ("heads", "remotes"):
+        try:
+            names = os.listdir(os.path.join(refs, kind))
+        except OSError:
+            continue
+        for name in names:
+            if os.path.isfile(os.path.join(refs, kind, name, "git-annex")):
+                return True
     try:
-        with open(gitdir / "packed-refs", "rb") as fh:
+        with open(os.path.join(gitdir, "packed-refs"), "rb") as fh:
             for line in fh:
-                name = line.rstrip(b"\n").partition(b" ")[2]
-                if name == b"refs/heads/git-annex" or (
-                    name.startswith(b"refs/") and name.endswith(b"/git-annex")
-                ):
+                ref = line.rstrip(b"\n").partition(b" ")[2]
+                if ref.startswith(b"refs/") and ref.endswith(b"/git-annex"):
                     return True
     except FileNotFoundError:
         pass

@@ -7,7 +7,6 @@ scripts match on them.
 
 from __future__ import annotations
 
-import enum
 import os
 import posixpath
 from collections.abc import Mapping
@@ -24,8 +23,12 @@ READONLY_DENIED = "this repository is read-only; write access denied"
 APPENDONLY_DENIED = "this repository is append-only; removal denied"
 
 
-class Mode(enum.IntEnum):
-    """What a session may do; ordered so that `mode >= needed` means allowed."""
+class Mode:
+    """What a session may do; ordered so that `mode >= needed` means allowed.
+
+    Plain int constants rather than an IntEnum: importing enum costs milliseconds on
+    every ssh session's start-up path.
+    """
 
     READONLY = 0
     APPENDONLY = 1
@@ -36,7 +39,7 @@ def _is_set(env: Mapping[str, str], name: str) -> bool:
     return bool(env.get(name))
 
 
-def server_mode(env: Mapping[str, str] = os.environ) -> Mode:
+def server_mode(env: Mapping[str, str] = os.environ) -> int:
     # READONLY takes precedence over APPENDONLY.
     if _is_set(env, READONLY):
         return Mode.READONLY
@@ -45,7 +48,7 @@ def server_mode(env: Mapping[str, str] = os.environ) -> Mode:
     return Mode.READWRITE
 
 
-def check_mode(needed: Mode, env: Mapping[str, str] = os.environ) -> None:
+def check_mode(needed: int, env: Mapping[str, str] = os.environ) -> None:
     """Refuse a builtin that needs more than the session's mode allows."""
     if needed > Mode.READONLY and _is_set(env, READONLY):
         raise ShellError(f"Action blocked by {READONLY}")
@@ -69,6 +72,9 @@ def _canonical(home: str, path: str) -> str:
     if path.startswith("/~/"):
         return path[1:]
     absolute = posixpath.normpath(posixpath.join(home, path))
+    if absolute.startswith("//"):
+        # POSIX lets normpath keep a leading `//`; on Linux it is `/`, as git-annex sees it.
+        absolute = "/" + absolute.lstrip("/")
     home_norm = posixpath.normpath(home) if home else ""
     if home_norm and home_norm != "/":
         if absolute == home_norm:

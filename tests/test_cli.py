@@ -107,7 +107,7 @@ def test_overlong_command_refused(capsys: pytest.CaptureFixture[str]) -> None:
         ),
     ],
 )
-def test_mode_blocks(env: dict[str, str], needed: restrict.Mode, message: str) -> None:
+def test_mode_blocks(env: dict[str, str], needed: int, message: str) -> None:
     with pytest.raises(ShellError) as info:
         restrict.check_mode(needed, env)
     assert info.value.message == message
@@ -122,16 +122,16 @@ def test_mode_blocks(env: dict[str, str], needed: restrict.Mode, message: str) -
         ({"GIT_ANNEX_SHELL_APPENDONLY": "1"}, restrict.Mode.APPENDONLY),
     ],
 )
-def test_mode_allows(env: dict[str, str], needed: restrict.Mode) -> None:
+def test_mode_allows(env: dict[str, str], needed: int) -> None:
     restrict.check_mode(needed, env)
 
 
 def test_server_mode() -> None:
-    assert restrict.server_mode({}) is restrict.Mode.READWRITE
-    assert restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t"}) is restrict.Mode.APPENDONLY
+    assert restrict.server_mode({}) == restrict.Mode.READWRITE
+    assert restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t"}) == restrict.Mode.APPENDONLY
     assert (
         restrict.server_mode({"GIT_ANNEX_SHELL_APPENDONLY": "t", "GIT_ANNEX_SHELL_READONLY": "t"})
-        is restrict.Mode.READONLY
+        == restrict.Mode.READONLY
     )
 
 
