@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # demo.sh: annexproxy in one command.
 #
-#   ./demo.sh                 run the default scenario ("plain")
+#   ./demo.sh                 run the default scenario ("proxy": a proxy with two nodes and a
+#                             cluster over them, a clone, and transfers through it)
 #   ./demo.sh SCENARIO...     run these scenarios (./demo.sh --list names them)
 #   ./demo.sh --keep ...      keep the temp tree afterwards (its path is printed)
 #
@@ -29,8 +30,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${ANNEXPROXY_VENV:-$here/.venv}
 server_shell=${DEMO_SHELL:-}
-SCENARIOS=(plain)
-DEFAULT_SCENARIO=plain
+SCENARIOS=(proxy plain)
+DEFAULT_SCENARIO=proxy
 BIG_MIB=20
 
 keep=0
@@ -254,6 +255,55 @@ scenario_plain() {
     [ "$on_origin" -eq "$(wc -l <"$work.sha256")" ] || fail "only $on_origin files are on origin"
 
     passed "plain: $(wc -l <"$work.sha256") files ($BIG_MIB MiB the largest) copied to origin through $shell_name, dropped, got back, hashes match"
+}
+
+# proxy: a proxy repository in front of two node repositories, which also form a cluster;
+# the client has one ssh remote (the proxy) and reaches every repository behind it.
+scenario_proxy() {
+    local proxy="$world/srv/proxy.git" work="$world/cli/proxywork" n
+
+    step "proxy: the admin makes a proxy and two nodes (real git-annex), and a cluster of them"
+    make_server_repo proxy.git "demo proxy"
+    make_server_repo node1.git "node1"
+    make_server_repo node2.git "node2"
+    for n in node1 node2; do
+        show admin git -C "$proxy" remote add "$n" "$world/srv/$n.git"
+        show admin git -C "$proxy" config "remote.$n.annex-proxy" true
+        show admin git -C "$proxy" config "remote.$n.annex-cluster-node" demo
+    done
+    (cd "$proxy" && show admin git annex sync --quiet --no-content node1 node2 &&
+        show admin git annex initcluster demo &&
+        show admin git annex updatecluster)
+
+    step "proxy: clone the proxy and discover what is behind it (git-annex branch: proxy.log)"
+    show client git clone --quiet "localhost:$proxy" "$work"
+    (cd "$work" && show client git annex init "demo client")
+    (cd "$work" && client git annex info --fast) | grep -e ' -- ' | sed 's/^/     /'
+    (cd "$work" && client git annex info --fast) | grep -q 'origin-node1' ||
+        fail "the client does not see origin-node1 behind the proxy"
+
+    step "proxy: add files, one of $BIG_MIB MiB; copy them to the cluster (fan-out to both nodes)"
+    add_files "$work"
+    (cd "$work" && show client git annex add --quiet . && show client git commit --quiet -m "demo files" &&
+        show client git annex copy --to origin-demo .)
+    check_server_objects "$work" "$world/srv/node1.git"
+    check_server_objects "$work" "$world/srv/node2.git"
+
+    step "proxy: drop from node1 only, through the proxy (origin-node1)"
+    (cd "$work" && show client git annex drop --from origin-node1 big.bin)
+    local key
+    key=$(cd "$work" && client git annex lookupkey big.bin)
+    if (cd "$world/srv/node1.git" && admin git annex contentlocation "$key" >/dev/null 2>&1); then
+        fail "node1 still holds big.bin"
+    fi
+    note "node1 no longer holds big.bin; node2 still does"
+
+    step "proxy: drop locally (nodes lock the content through the proxy), get back from the cluster"
+    (cd "$work" && show client git annex drop . && show client git annex get --from origin-demo .)
+    check_hashes "$work"
+    (cd "$work" && show client git annex whereis big.bin)
+
+    passed "proxy: $(wc -l <"$work.sha256") files ($BIG_MIB MiB the largest) through $shell_name as a proxy and cluster gateway to two nodes, dropped, got back from the cluster, hashes match"
 }
 
 # -- main -------------------------------------------------------------------------------------
