@@ -606,15 +606,20 @@ def _read_retention(dirfd: int, kf: str) -> int | None:
         os.close(fd)
 
 
-def _write_atomically(dirfd: int, name: str, data: bytes) -> None:
-    """Replace `name` in `dirfd` by a file holding `data`; readers never see a torn file."""
+def _write_atomically(dirfd: int, name: str, data: bytes, *, durable: bool = True) -> None:
+    """Replace `name` in `dirfd` by a file holding `data`; readers never see a torn file.
+
+    `durable` fsyncs before the rename: wanted for retention (a drop proof must survive a
+    crash), not for transfer info, which only shows progress while a transfer runs.
+    """
     # A short temporary name: `name` may already be near NAME_MAX.
     tmp = f".tmp-{secrets.token_hex(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o666, dir_fd=dirfd)
     try:
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
@@ -645,7 +650,9 @@ class TransferInfo:
     def _write(self, done: int | None) -> None:
         head = format_time(self._started) + ("" if done is None else f" {done}")
         text = f"{head}\n{self._af or ''}\n"
-        _write_atomically(self._dirfd, self._kf, text.encode("utf-8", "surrogateescape"))
+        _write_atomically(
+            self._dirfd, self._kf, text.encode("utf-8", "surrogateescape"), durable=False
+        )
         self._written = done
 
     def update(self, bytes_complete: int) -> None:
