@@ -21,11 +21,11 @@ def read_refs(gitdir: Path) -> dict[str, str]:
     refs: dict[str, str] = {}
     try:
         with open(gitdir / "packed-refs", "rb") as fh:
-            for line in fh:
-                if line[:1] in (b"#", b"^"):
+            for raw in fh:
+                if raw[:1] in (b"#", b"^"):
                     continue
-                sha, _, name = line.strip().partition(b" ")
-                refs[name.decode("utf-8", "surrogateescape")] = sha.decode("ascii", "replace")
+                sha_b, _, name_b = raw.strip().partition(b" ")
+                refs[name_b.decode("utf-8", "surrogateescape")] = sha_b.decode("ascii", "replace")
     except FileNotFoundError:
         pass
     root = gitdir / "refs"

@@ -6,6 +6,7 @@ client's extra options are filtered down to the ones that cannot name files or p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 
@@ -59,22 +60,39 @@ def send(repo: Repo, key: Key, inv: Invocation) -> int:
 
 
 def receive(repo: Repo, key: Key, inv: Invocation) -> int:
+    """rsync the content into a private temp file, then store it through the object
+    store's safe write (verify, fsync, rename) like any other upload. The copy costs a
+    read of the file; recvkey only serves gcrypt remotes, where safety matters more."""
+    import tempfile  # noqa: PLC0415
+
     from git_remote_annexproxy.branch import AnnexBranch  # noqa: PLC0415
     from git_remote_annexproxy.store import AnnexStore  # noqa: PLC0415
 
     store = AnnexStore(repo.gitdir, bare=repo.bare)
     if store.has(key):
         return 0
-    remote = inv.fields.get("remoteuuid", "")
-    with (
-        store.begin_receive(key) as rec,
-        store.transfer("download", remote or "unknown", key, None),
-    ):
-        # rsync writes the partial file in place; the store then re-verifies it whole.
-        rec.close_writer()
-        code = _rsync([*SERVER_PARAMS, *safe_options(inv.extra), os.fspath(rec.path)])
-        if code != 0 or not rec.finish(reverify=True):
-            raise ShellError("content received by rsync failed verification")
+    othertmp = repo.annexdir / "othertmp"
+    othertmp.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="recvkey.", dir=othertmp)
+    os.close(fd)
+    try:
+        code = _rsync([*SERVER_PARAMS, *safe_options(inv.extra), tmp])
+        if code != 0:
+            raise ShellError(f"rsync failed with exit code {code}")
+        rec = store.begin_receive(key)
+        if rec.offset:
+            # A partial from an earlier PUT: start over, rsync brought the whole file.
+            rec.discard()
+            rec = store.begin_receive(key)
+        with rec:
+            with open(tmp, "rb") as fh:
+                while piece := fh.read(1 << 20):
+                    rec.write(piece)
+            if not rec.finish():
+                raise ShellError("received content failed verification")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     assert repo.uuid is not None
     AnnexBranch(repo.gitdir, repo.annexdir).log_presence(key, repo.uuid, present=True)
     return 0
