@@ -18,6 +18,7 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel
 from shell import gatewayrules as rules
+from shell import gitconnect
 from shell.front import FrontSession, annex_jobs
 from shell.nodelink import (
     AlreadyHave,
@@ -71,7 +72,7 @@ class GatewaySession(FrontSession):
         link = self.links.get(node.name)
         if link is not None and not getattr(link, "dead", False):
             return link
-        link = make_link(node, self.own_uuid, self.timeout)
+        link = make_link(node, self.own_uuid, self.timeout, self.repo.config, self.repo.gitdir)
         self.links[node.name] = link
         try:
             with trio.fail_after(self.timeout):
@@ -168,7 +169,11 @@ class GatewaySession(FrontSession):
                 await self.get(offset, af, key)
             case p2p.UnlockContent():
                 pass
-            case p2p.Version() | p2p.NotifyChange() | p2p.Connect():
+            case p2p.Connect(service):
+                # As in git-annex: git is served from the proxy's own repository.
+                if await gitconnect.connect(self.channel, self.repo.gitdir_str, service, self.mode):
+                    raise SessionEnd(0)
+            case p2p.Version() | p2p.NotifyChange():
                 await self.protocol_error()
             case _:
                 await self.not_a_request(event)

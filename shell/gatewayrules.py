@@ -86,5 +86,9 @@ def remove_reply(
 
 
 def translate_deadline(deadline: int, gateway_now: int, node_now: int) -> int:
-    """A REMOVE-BEFORE deadline in the gateway's clock, moved into one node's clock."""
-    return node_now + (deadline - gateway_now)
+    """A REMOVE-BEFORE deadline in the gateway's clock, moved into one node's clock.
+
+    Clocks are per host (monotonic, since boot), so an expired deadline can land below
+    zero on a node that booted recently; 0 is just as expired and can be sent.
+    """
+    return max(0, node_now + (deadline - gateway_now))

@@ -11,17 +11,20 @@ breaks raises `NodeError` and is dead from then on, which fails only that node's
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from git_remote_annexproxy import p2p
+from git_remote_annexproxy.gitconfig import GitConfig
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
 from shell.proxyselect import Remote, local_path
@@ -212,6 +215,11 @@ class P2PLink(NodeLink):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
             self.dead = True
             raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
+        except trio.Cancelled:
+            # Cut short by the caller's deadline: the stream is mid-exchange now (a late
+            # reply would answer the next request), so the link cannot be used again.
+            self.dead = True
+            raise
 
     async def _event(self) -> p2p.Event:
         try:
@@ -219,6 +227,9 @@ class P2PLink(NodeLink):
         except (p2p.RemoteProtocolError, ChannelTimeout, trio.BrokenResourceError, OSError) as exc:
             self.dead = True
             raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
+        except trio.Cancelled:
+            self.dead = True  # as in _send
+            raise
         if isinstance(event, p2p.ConnectionClosed):
             self.dead = True
             raise NodeError(f"{self.remote.name}: connection closed")
@@ -245,9 +256,19 @@ class P2PLink(NodeLink):
             self.dead = True
             raise NodeError(f"{self.remote.name}: cannot start {argv[0]}: {exc}") from None
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.channel = P2PChannel(
-            self.process.stdout, self.process.stdin, idle_timeout=self.timeout
-        )
+        await self.attach(self.process.stdout, self.process.stdin, version, bypass)
+
+    async def attach(
+        self,
+        receive: trio.abc.ReceiveStream,
+        send: trio.abc.SendStream,
+        version: int | None,
+        bypass: frozenset[str] = frozenset(),
+    ) -> None:
+        """Speak to the node over streams that are already connected (the pipes of the
+        process `open` started, or a test's in-memory streams): check its AUTH-SUCCESS,
+        then negotiate as `open` describes."""
+        self.channel = P2PChannel(receive, send, idle_timeout=self.timeout)
         auth = await self._reply(p2p.AuthSuccess)
         assert isinstance(auth, p2p.AuthSuccess)
         if auth.uuid != self.uuid:
@@ -306,12 +327,16 @@ class P2PLink(NodeLink):
         return _P2PDownload(self, reply.length)
 
     async def aclose(self) -> None:
+        # A node that already failed (timed out, broke the protocol, died) gets no grace
+        # period to exit: waiting on it would add 5 s to the bounded time its failure may
+        # cost, and callers wait for aclose before answering the client.
+        grace = 0 if self.dead else 5
         self.dead = True
         if self.channel is not None:
             with trio.move_on_after(1):
                 await self.channel.aclose()
         if self.process is not None:
-            with trio.move_on_after(5) as scope:
+            with trio.move_on_after(grace) as scope:
                 await self.process.wait()
             if scope.cancelled_caught:
                 self.process.kill()
@@ -341,6 +366,9 @@ class _P2PUpload(Upload):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
             self.link.dead = True
             raise NodeError(f"{self.link.remote.name}: {exc or 'connection lost'}") from None
+        except trio.Cancelled:
+            self.link.dead = True  # as in P2PLink._send
+            raise
 
     async def finish(self, valid: bool | None) -> Outcome:
         if self.link.version >= 1:
@@ -380,6 +408,73 @@ class _P2PDownload(Download):
         await self.link._send(p2p.Success() if ok else p2p.Failure())
 
 
-def make_link(remote: Remote, proxy_uuid: str, timeout: float) -> NodeLink:
-    """The link the proxy uses for `remote`."""
-    return P2PLink(remote, proxy_uuid, timeout=timeout)
+# Admin settings of a node remote in the proxy's git config (remote.NAME.annexproxy-...).
+LINK_SETTING = "annexproxy-link"  # "p2p": use P2P even for a local path (for comparison)
+NODERPC_SETTING = "annexproxy-noderpc"  # true: this ssh remote runs our git-annex-shell
+# A file to append one JSON line to per link made (which kind, which command): lets tests and
+# admins see how each node is reached without tracing processes.
+DEBUG_LOG_VARIABLE = "ANNEXPROXY_DEBUG_LINKS"
+
+
+def link_kind(remote: Remote, config: GitConfig | None = None) -> str:
+    """Which link reaches `remote`: "rpc" where our own node worker is known to be at the
+    other end, else "p2p".
+
+    A local path is always ours (we spawn it with our interpreter); an ssh remote only when
+    the admin marked it, since a real git-annex-shell has no noderpc. A repository reached
+    through another proxy is relayed by that proxy's P2P session, never ours to choose.
+    """
+    if remote.via is not None:
+        return "p2p"
+    prefix = f"remote.{remote.name}."
+    if config is not None and (config.get(prefix + LINK_SETTING) or "").lower() == "p2p":
+        return "p2p"
+    if remote.is_local:
+        return "rpc"
+    if config is not None and config.get_bool(prefix + NODERPC_SETTING):
+        return "rpc"
+    return "p2p"
+
+
+def make_link(
+    remote: Remote,
+    proxy_uuid: str,
+    timeout: float,
+    config: GitConfig | None = None,
+    gitdir: Path | None = None,
+) -> NodeLink:
+    """The link the proxy uses for `remote`; `config` is the proxy's git config, `gitdir`
+    its git directory (a special remote is served in-process, from the proxy's own repo)."""
+    link: NodeLink
+    if remote.special is not None:
+        from shell.speciallink import SpecialLink  # noqa: PLC0415 - it imports this module
+
+        link = SpecialLink(remote, gitdir=gitdir, config=config, timeout=timeout)
+        _debug_log(remote, link, lambda: [])
+        return link
+    if link_kind(remote, config) == "rpc":
+        from shell.rpclink import RpcLink  # noqa: PLC0415 - rpclink imports this module
+
+        link = RpcLink(remote, proxy_uuid, timeout=timeout)
+        argv = link.argv
+    else:
+        link = P2PLink(remote, proxy_uuid, timeout=timeout)
+        argv = lambda: p2pstdio_argv(remote, proxy_uuid)  # noqa: E731
+    _debug_log(remote, link, argv)
+    return link
+
+
+def _debug_log(remote: Remote, link: NodeLink, argv: Callable[[], list[str]]) -> None:
+    path = os.environ.get(DEBUG_LOG_VARIABLE)
+    if not path:
+        return
+    try:
+        command: list[str] | None = argv()
+    except NodeError:
+        command = None  # an unusable URL: open() reports it
+    record = {"remote": remote.name, "link": type(link).__name__, "argv": command}
+    try:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+    except OSError:
+        pass  # a debug aid must never break a session

@@ -8,10 +8,11 @@ for bounded waits on the peer and for the proxy, which shares this module's conv
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import BinaryIO
 
 import trio
@@ -25,12 +26,25 @@ from git_remote_annexproxy.p2pchannel import (
     restore_stdio,
     stdio_channel,
 )
-from git_remote_annexproxy.store import AnnexStore, ContentLocked, Receive, TransferInProgress
-from shell import restrict
+from git_remote_annexproxy.store import (
+    AnnexStore,
+    ContentLocked,
+    Direction,
+    Receive,
+    TransferInProgress,
+)
+from shell import gitconnect, restrict
 from shell.repo import Repo
 
 MAX_VERSION = 4
 SEND_PIECE = 1 << 20
+
+# How long a session waits on a client that sends nothing, or stops reading what we send,
+# before closing (security.md row 35: slow loris). Git config `annexproxy.idletimeout`, in
+# seconds, read from the repository's config (or the global one) so an admin can shorten
+# it, and tests can use a second or two. A held LOCKCONTENT is bounded by it as well.
+IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
+DEFAULT_IDLE_TIMEOUT = 7200.0
 
 
 class SessionEnd(Exception):
@@ -49,6 +63,21 @@ def warn(message: str) -> None:
         sys.stderr.flush()
     except (BlockingIOError, BrokenPipeError, OSError):
         pass
+
+
+def idle_timeout(repo: Repo) -> float:
+    """The configured idle timeout; a bad value is reported and the default used."""
+    text = repo.config.get(IDLE_TIMEOUT_CONFIG)
+    if text is None:
+        return DEFAULT_IDLE_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        warn(f"git-annex-shell: ignoring bad {IDLE_TIMEOUT_CONFIG}={text!r}")
+        return DEFAULT_IDLE_TIMEOUT
+    return value
 
 
 def monotonic_seconds() -> int:
@@ -124,8 +153,11 @@ class PlainSession:
                     await self.put(af, key)
             case p2p.Get(offset, af, key):
                 await self.get(offset, af, key)
-            case p2p.Connect(_service):
-                raise SessionEnd(1, "relaying to git not supported on this connection")
+            case p2p.Connect(service):
+                # git tunnelled for git-remote-annexproxy (git-annex itself exits here); a
+                # refusal under the restrictions is an ERROR and the session goes on.
+                if await gitconnect.connect(self.channel, self.repo.gitdir_str, service, self.mode):
+                    raise SessionEnd(0)
             case p2p.NotifyChange():
                 raise SessionEnd(1, "change notification not available")
             case p2p.Error():
@@ -137,6 +169,18 @@ class PlainSession:
                 await self.send(p2p.Error("unexpected command"))
             case _:
                 await self.send(p2p.Error("unexpected command"))
+
+    def record_transfer(
+        self, stack: ExitStack, direction: Direction, key: Key, af: str | None
+    ) -> None:
+        """Write git-annex's transfer information file for the rest of the request.
+
+        It is informational (`git annex info` shows it), so a client UUID that cannot be a
+        file name (`../x`: any non-empty string is a valid CLIENTUUID), a second transfer of
+        the same key by the same client, or a filesystem error only leave it unwritten.
+        """
+        with suppress(ValueError, OSError, TransferInProgress):
+            stack.enter_context(self.store.transfer(direction, self.client_uuid, key, af))
 
     async def drain_body(self) -> int:
         """Consume a DATA payload we will not use; returns its size."""
@@ -210,9 +254,15 @@ class PlainSession:
                 p2p.Error("transfer already in progress, or unable to take transfer lock")
             )
             return
+        except OSError as exc:
+            # The partial cannot be opened: a key too long for a file name, or a symlink
+            # or non-directory planted at annex/tmp (refused, never followed).
+            warn(f"  cannot receive content: {exc.strerror}")
+            await self.send(p2p.Error(f"cannot receive content: {exc.strerror}"))
+            return
         with ExitStack() as stack:
             stack.enter_context(receive)
-            stack.enter_context(self.store.transfer("download", self.client_uuid, key, af))
+            self.record_transfer(stack, "download", key, af)
             await self.send(p2p.PutFrom(receive.offset))
             event = await self.event()
             if isinstance(event, p2p.DataPresent):
@@ -272,7 +322,14 @@ class PlainSession:
                 # Cut mid-transfer: the partial stays for a resumed PUT.
                 raise SessionEnd(0)
             assert isinstance(event, p2p.Body)
-            receive.write(event.data)
+            try:
+                receive.write(event.data)
+            except OSError as exc:
+                # Disk full, EIO, a file size limit: the rest of the payload is not read,
+                # so the framing is lost and the connection must close (spec §1). The
+                # Receive kept the intact prefix for a resume (ENOSPC) or deleted it (EIO).
+                await self.send(p2p.Failure())
+                raise SessionEnd(1, f"cannot store content: {exc.strerror}") from None
 
     async def get(self, offset: int, af: str | None, key: Key) -> None:
         with ExitStack() as stack:
@@ -289,7 +346,7 @@ class PlainSession:
                 await self.read_verdict()
                 return
             stack.enter_context(fh)
-            stack.enter_context(self.store.transfer("upload", self.client_uuid, key, af))
+            self.record_transfer(stack, "upload", key, af)
             size = _fsize(fh)
             length = max(size - offset, 0)
             if length:
@@ -324,7 +381,7 @@ def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:
 
 
 async def _serve(repo: Repo, client_uuid: str) -> int:
-    channel = stdio_channel()
+    channel = stdio_channel(idle_timeout=idle_timeout(repo))
     session = PlainSession(repo, channel, client_uuid)
     code = 0
     try:
@@ -340,6 +397,10 @@ async def _serve(repo: Repo, client_uuid: str) -> int:
         warn(f"git-annex-shell: {exc}")
         code = 1
     except (trio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
+        code = 1
+    except OSError as exc:
+        # A storage error no request handler expected: fatal, as in git-annex (spec §8).
+        warn(f"git-annex-shell: {exc}")
         code = 1
     finally:
         # The journal is committed however the session ended (spec §5).

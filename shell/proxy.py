@@ -13,6 +13,7 @@ import trio
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel, restore_stdio, stdio_channel
+from shell import gitconnect
 from shell.front import FrontSession, run_front
 from shell.nodelink import AlreadyHave, NodeError, NodeRefused, Outcome, Upload, make_link
 from shell.p2pserver import SessionEnd
@@ -24,7 +25,7 @@ class ProxySession(FrontSession):
     def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str, node: Remote) -> None:
         super().__init__(repo, channel, client_uuid, node.uuid)
         self.node = node
-        self.link = make_link(node, self.own_uuid, self.timeout)
+        self.link = make_link(node, self.own_uuid, self.timeout, repo.config, repo.gitdir)
 
     async def run(self) -> None:
         await self.send(p2p.AuthSuccess(self.node.uuid))
@@ -76,7 +77,11 @@ class ProxySession(FrontSession):
                     await self.put(af, key)
             case p2p.Get(offset, af, key):
                 await self.get(offset, af, key)
-            case p2p.Version() | p2p.NotifyChange() | p2p.Connect():
+            case p2p.Connect(service):
+                # As in git-annex: git is served from the proxy's own repository.
+                if await gitconnect.connect(self.channel, self.repo.gitdir_str, service, self.mode):
+                    raise SessionEnd(0)
+            case p2p.Version() | p2p.NotifyChange():
                 await self.protocol_error()
             case _:
                 await self.not_a_request(event)

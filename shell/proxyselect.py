@@ -10,6 +10,7 @@ nodes, and other gateways' proxy.log entries let us reach repositories behind th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from git_remote_annexproxy.annexlog import is_cluster_uuid, parse_uuid_log
 from git_remote_annexproxy.branch import AnnexBranch
@@ -39,6 +40,9 @@ class Remote:
     config: dict[str, str] = field(default_factory=dict, compare=False)
     # For a remote instantiated from another proxy's proxy.log: that proxy's remote.
     via: Remote | None = None
+    # For a special remote (no url; the proxy serves it itself, shell/speciallink.py):
+    # its remote.log fields.
+    special: dict[str, str] | None = field(default=None, compare=False)
 
     def get(self, key: str) -> str | None:
         """`remote.NAME.annex-KEY`, inherited from the proxy remote when instantiated."""
@@ -49,7 +53,7 @@ class Remote:
 
     @property
     def is_local(self) -> bool:
-        return self.via is None and is_local_url(self.url)
+        return self.via is None and self.special is None and is_local_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,23 @@ def configured_remotes(config: GitConfig) -> list[Remote]:
     return remotes
 
 
+def special_remotes(config: GitConfig, remote_log: dict[str, dict[str, str]]) -> list[Remote]:
+    """Special remotes, as git-annex finds them: a remote with an annex-uuid but no url,
+    whose UUID has a remote.log entry (its type, chunking, encryption)."""
+    remotes = []
+    for name in config.subsections("remote"):
+        uuid = config.get(f"remote.{name}.annex-uuid")
+        fields = remote_log.get(uuid or "")
+        if config.get(f"remote.{name}.url") or not uuid or fields is None:
+            continue
+        if config.get_bool(f"remote.{name}.annex-ignore"):
+            continue
+        prefix = f"remote.{name}.annex-"
+        conf = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
+        remotes.append(Remote(name, uuid, "", _cost(config, name, ""), conf, special=fields))
+    return remotes
+
+
 def instantiated_remotes(
     remotes: list[Remote], proxy_log: dict[str, dict[str, str]]
 ) -> list[Remote]:
@@ -126,12 +147,23 @@ def _words(value: str | None) -> list[str]:
     return value.split() if value else []
 
 
+class BranchReader(Protocol):
+    """What selection needs of the git-annex branch: a file's content, or None."""
+
+    def read(self, path: str) -> bytes | None: ...
+
+
 @dataclass
 class Selection:
-    """Everything selection reads, gathered once per session."""
+    """Everything selection reads, gathered once per session.
 
-    repo: Repo
-    branch: AnnexBranch
+    Built from a git config, our own UUID and a branch reader only (not a Repo), so that
+    selection is a pure function of its inputs and can be tested without a repository.
+    """
+
+    config: GitConfig
+    own_uuid: str
+    branch: BranchReader
     remotes: list[Remote]
     proxy_log: dict[str, dict[str, str]]
     cluster_log: dict[str, frozenset[str]]
@@ -140,31 +172,38 @@ class Selection:
 
     @classmethod
     def load(cls, repo: Repo) -> Selection:
-        branch = AnnexBranch(repo.gitdir, repo.annexdir)
-        configured = configured_remotes(repo.config)
+        return cls.from_sources(
+            repo.config, repo.uuid or "", AnnexBranch(repo.gitdir, repo.annexdir)
+        )
+
+    @classmethod
+    def from_sources(cls, config: GitConfig, own_uuid: str, branch: BranchReader) -> Selection:
+        configured = configured_remotes(config)
         proxy_log = parse_proxy_log(branch.read("proxy.log") or b"")
         remotes = configured + instantiated_remotes(configured, proxy_log)
+        remotes += special_remotes(config, parse_remote_log(branch.read("remote.log") or b""))
         return cls(
-            repo=repo,
+            config=config,
+            own_uuid=own_uuid,
             branch=branch,
             remotes=remotes,
             proxy_log=proxy_log,
             cluster_log=parse_cluster_log(branch.read("cluster.log") or b""),
-            clusters=cluster_names(repo.config),
+            clusters=cluster_names(config),
             dead=dead_uuids(branch.read("trust.log") or b""),
         )
 
     def proxies_for(self, remote: Remote) -> bool:
         """Whether this repository is configured to proxy for `remote`."""
         if remote.via is None:
-            if self.repo.config.get_bool(f"remote.{remote.name}.annex-proxy"):
+            if self.config.get_bool(f"remote.{remote.name}.annex-proxy"):
                 return True
             nodes_of = _words(remote.config.get("cluster-node"))
             return any(c in self.clusters.values() for c in nodes_of)
         # Reached through another proxy: allowed when that remote is a proxy we use or a
         # gateway of one of our clusters.
         via = remote.via
-        if self.repo.config.get_bool(f"remote.{via.name}.annex-proxy"):
+        if self.config.get_bool(f"remote.{via.name}.annex-proxy"):
             return True
         return any(c in self.clusters for c in _words(via.config.get("cluster-gateway")))
 
@@ -195,7 +234,7 @@ class Selection:
     def select(self, wanted: str) -> Target:
         if is_cluster_uuid(wanted) and wanted in self.clusters:
             return Target(wanted, tuple(self.cluster_nodes(wanted)), cluster=self.clusters[wanted])
-        own = self.repo.uuid or ""
+        own = self.own_uuid
         listed = self.proxy_log.get(own, {})
         name = listed.get(wanted)
         if name is not None:

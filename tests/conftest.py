@@ -272,3 +272,21 @@ def ssh_env(tmp_path: Path, annex_bin: Path, our_shell: Path) -> SshEnvFactory:
         )
 
     return factory
+
+
+# --- slow tests: `@pytest.mark.slow` runs only with --runslow (setup.cfg declares the marker)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runslow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

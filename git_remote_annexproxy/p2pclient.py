@@ -1,0 +1,300 @@
+"""A P2P client session: `git-annex-shell p2pstdio` on a server, spoken to over a pipe.
+
+`P2PSession.spawn` starts the command (ssh, or a local git-annex-shell; see
+`urls.shell_argv`), checks the server's `AUTH-SUCCESS <uuid>` against the repository we
+asked for, and negotiates `VERSION` (p2p-protocol.md §5). Requests then run one at a time,
+as the protocol demands: `checkpresent`, and `get`, which hands back a `Download` whose
+pieces the caller consumes before giving its verdict (§7). Sending content (PUT) fits the
+same shape and comes with uploads.
+
+Every wait is bounded: spawning and the greeting by `connect_timeout`, each read or write
+after that by `idle_timeout` (the P2PChannel's), closing by a few seconds. The server's
+stderr is drained continuously into a small ring buffer (a full pipe would stall it), and
+its last line is what a failure reports, since that is where git-annex-shell and ssh say
+why (`not configured to proxy for repository ...`, `Connection refused`).
+
+A session that fails in the middle of an exchange, or whose caller is cancelled there, is
+dead: a late reply would otherwise answer the next request. `P2PRefused` is the one error
+that leaves it usable (the server answered `ERROR` to a request).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping, Sequence
+
+import trio
+
+from git_remote_annexproxy import p2p
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+
+MAX_VERSION = 4
+STDERR_TAIL = 4096  # bytes of the server's stderr kept for error messages
+_CLOSE_GRACE = 5.0  # seconds a healthy server gets to exit after we close its stdin
+_STDERR_GRACE = 2.0  # seconds to wait for the last words on stderr after a failure
+
+
+class P2PSessionError(Exception):
+    """The session failed: could not start, died, timed out, or broke the protocol."""
+
+
+class P2PRefused(P2PSessionError):
+    """The server answered `ERROR text` to a request; the session is still usable."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.text = text
+
+
+class _StderrTail:
+    """The last STDERR_TAIL bytes a child wrote to stderr; `done` is set at its EOF."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done = trio.Event()
+
+    async def drain(self, stream: trio.abc.ReceiveStream) -> None:
+        try:
+            while chunk := await stream.receive_some(65536):
+                self.data += chunk
+                del self.data[:-STDERR_TAIL]
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            self.done.set()
+
+    def last_line(self) -> str:
+        lines = bytes(self.data).decode("utf-8", "replace").splitlines()
+        useful = [ln.strip() for ln in lines if ln.strip()]
+        return useful[-1] if useful else ""
+
+
+class P2PSession:
+    """One client session. Build it with `spawn` (a command) or `attach` (given streams)."""
+
+    def __init__(self, name: str, *, idle_timeout: float) -> None:
+        self.name = name  # for messages: the repository as the user calls it
+        self.idle_timeout = idle_timeout
+        self.uuid = ""  # from AUTH-SUCCESS
+        self.version = 0
+        self.dead = False
+        # The GET whose verdict is still due: until then no other request may be sent.
+        self.busy: Download | None = None
+        self._channel: P2PChannel | None = None
+        self._process: trio.Process | None = None
+        self._stderr: _StderrTail | None = None
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        nursery: trio.Nursery,
+        *,
+        name: str,
+        expected_uuid: str | None,
+        env: Mapping[str, str] | None = None,
+        connect_timeout: float = 60.0,
+        idle_timeout: float = 300.0,
+    ) -> P2PSession:
+        """Start `argv` and negotiate. `nursery` runs the stderr drain; it must outlive
+        the session (close the session before the nursery ends)."""
+        self = cls(name, idle_timeout=idle_timeout)
+        try:
+            self._process = await trio.lowlevel.open_process(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env) if env is not None else None,
+            )
+        except OSError as exc:
+            self.dead = True
+            raise P2PSessionError(f"{name}: cannot run {argv[0]}: {exc.strerror}") from None
+        proc = self._process
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._stderr = _StderrTail()
+        nursery.start_soon(self._stderr.drain, proc.stderr)
+        try:
+            with trio.fail_after(connect_timeout):
+                await self.attach(proc.stdout, proc.stdin, expected_uuid)
+        except trio.TooSlowError:
+            await self.aclose()
+            raise P2PSessionError(f"{name}: no answer within {connect_timeout:.0f}s") from None
+        except BaseException:
+            with trio.CancelScope(shield=True):  # aclose is bounded
+                await self.aclose()
+            raise
+        return self
+
+    async def attach(
+        self,
+        receive: trio.abc.ReceiveStream,
+        send: trio.abc.SendStream,
+        expected_uuid: str | None,
+        version: int = MAX_VERSION,
+    ) -> None:
+        """Greet a server on connected streams: AUTH-SUCCESS (its UUID must be
+        `expected_uuid` when one is given, as git-annex insists), then VERSION."""
+        self._channel = P2PChannel(receive, send, idle_timeout=self.idle_timeout)
+        auth = await self._reply(p2p.AuthSuccess)
+        assert isinstance(auth, p2p.AuthSuccess)
+        if expected_uuid is not None and auth.uuid != expected_uuid:
+            self.dead = True
+            raise P2PSessionError(
+                f"{self.name}: expected repository UUID {expected_uuid} but found {auth.uuid}"
+            )
+        self.uuid = auth.uuid
+        await self._send(p2p.Version(min(version, MAX_VERSION)))
+        reply = await self._reply(p2p.Version)
+        assert isinstance(reply, p2p.Version)
+        self.version = reply.n
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _chan(self) -> P2PChannel:
+        if self.dead or self._channel is None:
+            raise P2PSessionError(f"{self.name}: connection lost")
+        return self._channel
+
+    async def _failure(self, what: str) -> P2PSessionError:
+        """Mark the session dead; the error names the server's last stderr line if any."""
+        self.dead = True
+        tail = self._stderr
+        if tail is not None:
+            # The child usually writes why it quit just before closing stdout.
+            with trio.move_on_after(_STDERR_GRACE):
+                await tail.done.wait()
+            said = tail.last_line()
+            if said:
+                return P2PSessionError(f"{self.name}: {said}")
+        return P2PSessionError(f"{self.name}: {what}")
+
+    def _idle(self) -> None:
+        """Check that a new request may start; one abandoned mid-GET kills the session."""
+        if self.busy is not None:
+            self.dead = True
+            raise P2PSessionError(f"{self.name}: previous transfer was abandoned")
+
+    async def _send(self, *messages: p2p.Message) -> None:
+        try:
+            await self._chan().send(*messages)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise await self._failure(str(exc) or "connection lost") from None
+        except ChannelTimeout as exc:
+            raise await self._failure(str(exc)) from None
+        except trio.Cancelled:
+            self.dead = True  # cut short mid-exchange
+            raise
+
+    async def _event(self) -> p2p.Event:
+        try:
+            event = await self._chan().next_event()
+        except (p2p.RemoteProtocolError, ChannelTimeout) as exc:
+            raise await self._failure(str(exc)) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise await self._failure(str(exc) or "connection lost") from None
+        except trio.Cancelled:
+            self.dead = True
+            raise
+        if isinstance(event, p2p.ConnectionClosed):
+            raise await self._failure("connection closed")
+        return event
+
+    async def _reply(self, *types: type) -> p2p.Event:
+        event = await self._event()
+        if isinstance(event, types):
+            return event
+        if isinstance(event, p2p.Error):
+            raise P2PRefused(self.name, event.text)
+        raise await self._failure(f"protocol error: unexpected {type(event).__name__}")
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def checkpresent(self, key: Key) -> bool:
+        self._idle()
+        await self._send(p2p.CheckPresent(key))
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+
+    async def get(self, key: Key, offset: int = 0, af: str | None = None) -> Download:
+        """Ask for `key`'s content from `offset`. Consume the `Download` fully, then
+        call `Download.verdict()`; only then is the session free for the next request."""
+        self._idle()
+        await self._send(p2p.Get(offset, af, key))
+        reply = await self._reply(p2p.Data)
+        assert isinstance(reply, p2p.Data)
+        self.busy = Download(self, offset, reply.length)
+        return self.busy
+
+    # -- closing -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """End the session: EOF to the server (it exits 0), then reap it, bounded."""
+        grace = 0.0 if self.dead else _CLOSE_GRACE
+        self.dead = True
+        if self._channel is not None:
+            with trio.move_on_after(1):
+                await self._channel.aclose()
+        proc = self._process
+        if proc is None:
+            return
+        with trio.move_on_after(grace) as scope:
+            await proc.wait()
+        if scope.cancelled_caught:
+            proc.kill()
+            with trio.move_on_after(2):
+                await proc.wait()
+        # A grandchild (an ssh master, say) may keep stderr open: stop draining it.
+        if self._stderr is not None and not self._stderr.done.is_set():
+            with trio.move_on_after(0.5):
+                await self._stderr.done.wait()
+            if proc.stderr is not None:
+                with trio.move_on_after(1):
+                    await proc.stderr.aclose()
+
+
+class Download:
+    """The server's answer to one GET: `length` bytes, then its validity, then our verdict.
+
+    Iterate it (`async for piece in download`) to the end, then call `verdict`. `valid` is
+    set when the iteration ends: True (VALID), False (INVALID: the server had nothing to
+    send, or the file changed while it was read) or None (protocol v0). `DATA 0` + INVALID
+    is how a server says it does not have the content. Until `verdict` the session is
+    busy; abandoned earlier, it is mid-exchange and can only be closed.
+    """
+
+    def __init__(self, session: P2PSession, offset: int, length: int) -> None:
+        self.session = session
+        self.offset = offset
+        self.length = length
+        self.received = 0
+        self.valid: bool | None = None
+        self._consumed = False
+
+    def __aiter__(self) -> Download:
+        return self
+
+    async def __anext__(self) -> bytes:
+        s = self.session
+        if self._consumed:
+            raise StopAsyncIteration
+        event = await s._event()
+        if isinstance(event, p2p.Body):
+            self.received += len(event.data)
+            return event.data
+        if not isinstance(event, p2p.BodyEnd):
+            raise await s._failure("protocol error: bad DATA framing")
+        if s.version >= 1:
+            reply = await s._reply(p2p.Valid, p2p.Invalid)
+            self.valid = isinstance(reply, p2p.Valid)
+        self._consumed = True
+        raise StopAsyncIteration
+
+    async def verdict(self, ok: bool) -> None:
+        """Tell the server whether we kept the content (SUCCESS/FAILURE)."""
+        if not self._consumed:
+            raise P2PSessionError(f"{self.session.name}: verdict before the data was read")
+        await self.session._send(p2p.Success() if ok else p2p.Failure())
+        self.session.busy = None

@@ -1,0 +1,420 @@
+"""`git-annex-shell noderpc DIR [CLIENTUUID]`: our node worker, serving one repository's annex
+to a proxy over the node RPC (`rpc.py`, method table in `rpcmethods.py`) on stdio.
+
+It does what p2pstdio does for a plain repository (`p2pserver.py`), with the same store and
+branch calls and the same restrictions, but with many calls in flight on one connection.
+CLIENTUUID (the proxy's UUID, as p2pstdio's UUID parameter) names the transfer records.
+
+Concurrency: requests are handled by the reader, in the order they arrive, because each is a
+few quick filesystem calls; that keeps them ordered (an `unlock` and then a `remove` happen in
+that order) with no locking of our own. An upload's body is written by the reader as its chunks
+arrive, and credit goes back as they are written. Only what waits on the proxy runs in a task
+of its own: sending a download's body, which waits for credit.
+
+However the link ends (EOF, a malformed frame, a dead pipe), content locks are released with
+their retention files left in place (as p2pstdio does when its client vanishes), partial
+uploads are kept for a resume, and the journal is committed. A malformed or oversized frame
+ends this link with exit 1 and one line on stderr; stdout carries RPC frames only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
+
+import trio
+
+from git_remote_annexproxy import rpc
+from git_remote_annexproxy.branch import AnnexBranch
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.p2pchannel import restore_stdio
+from git_remote_annexproxy.rpcmethods import (
+    AppendOnlyError,
+    CallProtocolError,
+    LockedError,
+    NotFoundError,
+    ReadOnlyError,
+    RpcError,
+    StorageIOError,
+    TransferInProgressError,
+    VerifyFailedError,
+)
+from git_remote_annexproxy.store import AnnexStore, ContentLocked, Receive, TransferInProgress
+from shell import restrict
+from shell.p2pserver import monotonic_seconds, warn
+from shell.repo import Repo
+from shell.rpclink import LinkBroken, Outbox, PeerGone
+
+READ_SIZE: Final = 1 << 20
+SEND_PIECE: Final = 1 << 20
+# As P2PChannel's default: a proxy that neither reads nor grants credit this long is gone.
+IDLE_TIMEOUT: Final = 7200.0
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(eq=False)
+class _Upload:
+    key: Key
+    receive: Receive
+    stack: ExitStack  # the Receive and its transfer record
+    written: int = 0  # bytes written by this upload (after the resume offset)
+    ended: bool = False
+    error: RpcError | None = None
+
+
+def _expected_size(key: Key) -> int | None:
+    # A chunk key's size is the whole object's; its own length is left to the verifier.
+    if key.chunk_size is not None or key.chunk_num is not None:
+        return None
+    return key.size
+
+
+class NodeWorker:
+    """Serves one proxy connection against this repository's own annex."""
+
+    def __init__(
+        self,
+        repo: Repo,
+        client_uuid: str | None,
+        send: trio.abc.SendStream,
+        receive: trio.abc.ReceiveStream,
+    ) -> None:
+        assert repo.uuid is not None
+        self.uuid: str = repo.uuid
+        self.client_uuid = client_uuid
+        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
+        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
+        self.mode = restrict.server_mode()
+        self.conn = rpc.RpcConnection("server")
+        self.outbox = Outbox(send, timeout=IDLE_TIMEOUT)
+        self.receive = receive
+        self.failure: str | None = None  # why the link ended badly, for stderr
+        self.gone = False  # the proxy went away mid-exchange: exit 1, quietly (as p2pstdio)
+        self.locks: dict[int, tuple[Key, ExitStack]] = {}
+        self.next_lock = 1
+        self.uploads: dict[int, _Upload] = {}  # by stream id (= the put_begin request id)
+        self.credit: dict[int, trio.Event] = {}  # download stream -> wakeup on credit/cancel
+        self.cancelled: set[int] = set()
+        self.nursery: trio.Nursery | None = None
+        self.methods: dict[str, Callable[[int, dict[str, Any]], dict[str, Any] | None]] = {
+            "info": self.info,
+            "checkpresent": self.checkpresent,
+            "lock": self.lock,
+            "unlock": self.unlock,
+            "put_begin": self.put_begin,
+            "put_finish": self.put_finish,
+            "get": self.get,
+            "remove": self.remove,
+            "timestamp": self.timestamp,
+        }
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._write_loop)
+            self.outbox.write(self.conn.handshake())
+            await self._read_loop()
+            # What was answered before the end still goes out, if the proxy still reads.
+            with trio.move_on_after(1):
+                await self.outbox.drained()
+            nursery.cancel_scope.cancel()
+
+    async def _write_loop(self) -> None:
+        try:
+            await self.outbox.run()
+        except PeerGone:
+            self.gone = True
+        except LinkBroken as exc:
+            self.failure = str(exc)
+        finally:
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                event = self.conn.next_event()
+                if event is rpc.NEED_DATA:
+                    self.conn.receive_data(await self.receive.receive_some(READ_SIZE))
+                    continue
+            except rpc.RemoteProtocolError as exc:
+                self.failure = f"protocol error: {exc}"
+                return
+            except _BROKEN:
+                self.gone = True
+                return
+            assert not isinstance(event, rpc.NeedData)
+            if isinstance(event, rpc.ConnectionClosed):
+                if event.truncated:
+                    self.failure = "connection closed inside a frame"
+                return
+            self._handle(event)
+
+    def _handle(self, event: rpc.Event) -> None:
+        match event:
+            case rpc.Request(id=rid, method=method, params=params):
+                self._request(rid, method, params)
+            case rpc.InvalidRequest(id=rid, error=error):
+                self.outbox.write(self.conn.respond(rid, error=error))
+            case rpc.BodyChunk():
+                self._body(event)
+            case rpc.CreditGranted(stream_id=sid) | rpc.StreamCancelled(stream_id=sid):
+                if isinstance(event, rpc.StreamCancelled):
+                    self.cancelled.add(sid)
+                if (wakeup := self.credit.get(sid)) is not None:
+                    wakeup.set()
+            case _:
+                pass  # the handshake; notifications (none is defined from a proxy yet)
+
+    def _request(self, rid: int, method: str, params: dict[str, Any]) -> None:
+        try:
+            result = self.methods[method](rid, params)
+        except RpcError as exc:
+            self.outbox.write(self.conn.respond(rid, error=exc))
+            return
+        except OSError as exc:
+            warn(f"  {method}: {exc.strerror or exc}")
+            error = StorageIOError(f"{method}: {exc.strerror or exc}")
+            self.outbox.write(self.conn.respond(rid, error=error))
+            return
+        if result is not None:  # None: the method answered itself (get)
+            self.outbox.write(self.conn.respond(rid, result))
+
+    def close(self) -> None:
+        """After the link, however it ended: release, keep what must be kept, commit."""
+        for _, stack in self.locks.values():
+            stack.close()  # the retention file stays: a drop proof may rely on it
+        for upload in self.uploads.values():
+            upload.stack.close()  # the partial stays for a resumed upload
+        self.locks.clear()
+        self.uploads.clear()
+        self.branch.commit()
+
+    # -- methods ---------------------------------------------------------------------------
+
+    def info(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        return {"uuid": self.uuid, "kind": "repo"}
+
+    def timestamp(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        return {"ts": monotonic_seconds()}
+
+    def checkpresent(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        return {"present": [self.store.has(Key.parse(k)) for k in params["keys"]]}
+
+    def lock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        key = Key.parse(params["key"])
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.store.lock_shared(key))
+            self.store.write_retention(key)
+        except ContentLocked:
+            stack.close()
+            raise LockedError("content is locked") from None
+        except FileNotFoundError:
+            stack.close()
+            raise NotFoundError("content not present") from None
+        except BaseException:
+            stack.close()
+            raise
+        lock_id, self.next_lock = self.next_lock, self.next_lock + 1
+        self.locks[lock_id] = (key, stack)
+        return {"lock": lock_id}
+
+    def unlock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        held = self.locks.pop(params["lock"], None)
+        if held is None:
+            raise NotFoundError(f"no lock {params['lock']}")
+        key, stack = held
+        with stack:
+            self.store.clear_retention(key)
+        return {}
+
+    def remove(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        if self.mode == restrict.Mode.READONLY:
+            raise ReadOnlyError(restrict.READONLY_DENIED)
+        if self.mode == restrict.Mode.APPENDONLY:
+            raise AppendOnlyError(restrict.APPENDONLY_DENIED)
+        key, before = Key.parse(params["key"]), params["before"]
+        if not self.store.has(key):
+            return {}
+
+        # Checked again with the content lock held, so the deadline holds at the removal.
+        def in_time() -> bool:
+            return before is None or monotonic_seconds() < before
+
+        if not in_time():
+            raise LockedError("the removal deadline has passed")
+        try:
+            gone = self.store.remove(key, proceed=in_time)
+        except ContentLocked as exc:
+            warn("  content is locked")
+            raise LockedError(str(exc)) from None
+        if not gone:
+            # There is no FAILURE without a reason in the RPC; to the proxy this is the same
+            # "not removed now, maybe later" as a lock.
+            raise LockedError("the removal deadline has passed")
+        self.branch.log_presence(key, self.uuid, present=False)
+        return {}
+
+    def put_begin(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        if self.mode == restrict.Mode.READONLY:
+            raise ReadOnlyError(restrict.READONLY_DENIED)
+        key = Key.parse(params["key"])
+        if self.store.has(key):
+            return {"offset": None}
+        stack = ExitStack()
+        try:
+            receive = stack.enter_context(self.store.begin_receive(key))
+            if self.client_uuid is not None:
+                stack.enter_context(
+                    self.store.transfer("download", self.client_uuid, key, params["af"])
+                )
+        except TransferInProgress:
+            stack.close()
+            raise TransferInProgressError(
+                "transfer already in progress, or unable to take transfer lock"
+            ) from None
+        except BaseException:
+            stack.close()
+            raise
+        self.uploads[rid] = _Upload(key, receive, stack)
+        return {"offset": receive.offset}
+
+    def _body(self, chunk: rpc.BodyChunk) -> None:
+        upload = self.uploads.get(chunk.stream_id)
+        if upload is not None and not upload.ended and upload.error is None and chunk.data:
+            try:
+                upload.receive.write(chunk.data)
+                upload.written += len(chunk.data)
+            except OSError as exc:
+                # The store has already kept (ENOSPC) or dropped (EIO) the partial; ask the
+                # proxy to stop sending, and tell it why at put_finish.
+                if exc.errno == errno.EFBIG:
+                    upload.error = VerifyFailedError("more data than the key's size")
+                else:
+                    warn(f"  cannot store content: {exc.strerror or exc}")
+                    upload.error = StorageIOError(f"cannot store content: {exc.strerror or exc}")
+                self.outbox.write(self.conn.cancel(chunk.stream_id))
+        if upload is not None and chunk.end:
+            upload.ended = True
+        self.outbox.write(self.conn.consumed(chunk.stream_id, len(chunk.data)))
+
+    def put_finish(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
+        upload = self.uploads.pop(params["upload"], None)
+        if upload is None:
+            raise CallProtocolError(f"no upload {params['upload']} in progress")
+        with upload.stack:
+            if not upload.ended:
+                raise CallProtocolError("put_finish before the end of the upload's body")
+            if upload.error is not None:
+                raise upload.error
+            if not params["valid"]:
+                # The sender says the content changed while it was sent: what this upload
+                # wrote is suspect. An empty upload (nothing sent) leaves the partial alone.
+                if upload.written:
+                    upload.receive.discard()
+                raise VerifyFailedError("the sender reported the content as invalid")
+            expected = _expected_size(upload.key)
+            if expected is not None and upload.receive.size < expected:
+                raise StorageIOError(
+                    f"upload ended at {upload.receive.size} of {expected} bytes; "
+                    "the partial is kept for a resume"
+                )
+            if not upload.receive.finish():
+                warn("  Verification of content failed")
+                raise VerifyFailedError("verification of content failed")
+        # Only now, with the object durable on disk, is the location recorded.
+        self.branch.log_presence(upload.key, self.uuid, present=True)
+        return {}
+
+    def get(self, rid: int, params: dict[str, Any]) -> None:
+        key, offset = Key.parse(params["key"]), params["offset"]
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.store.lock_shared(key))
+            fh = self.store.open_object(key)
+            if fh is None:
+                raise FileNotFoundError(errno.ENOENT, "content not present")
+            stack.enter_context(fh)
+            if self.client_uuid is not None:
+                # The same key sent twice at once on this link: one record is enough.
+                with suppress(TransferInProgress):
+                    stack.enter_context(
+                        self.store.transfer("upload", self.client_uuid, key, params["af"])
+                    )
+            length = max(os.fstat(fh.fileno()).st_size - offset, 0)
+        except (ContentLocked, FileNotFoundError):
+            stack.close()
+            raise NotFoundError("content not present") from None
+        except BaseException:
+            stack.close()
+            raise
+        self.outbox.write(self.conn.respond(rid, {"length": length}))
+        self.credit[rid] = trio.Event()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._send_body, rid, fh, offset, length, stack)
+
+    async def _send_body(
+        self, sid: int, fh: BinaryIO, offset: int, length: int, stack: ExitStack
+    ) -> None:
+        """Stream a download under the proxy's credit; a short stream means a failed read."""
+        sent = 0
+        with stack:
+            while sent < length and sid not in self.cancelled:
+                credit = self.conn.available_credit(sid)
+                if credit == 0:
+                    wakeup = self.credit[sid] = trio.Event()
+                    with trio.move_on_after(IDLE_TIMEOUT) as scope:
+                        await wakeup.wait()
+                    if scope.cancelled_caught:
+                        warn(f"  no credit for a download for {IDLE_TIMEOUT:.0f}s")
+                        break
+                    continue
+                try:
+                    n = min(credit, length - sent, SEND_PIECE)
+                    data = os.pread(fh.fileno(), n, offset + sent)
+                except OSError as exc:
+                    warn(f"  cannot read content: {exc.strerror or exc}")
+                    break
+                if not data:
+                    break  # the object shrank under us
+                self.outbox.write(self.conn.send_body(sid, data))
+                sent += len(data)
+                await trio.lowlevel.checkpoint()  # other streams and calls get their turn
+            self.outbox.write(self.conn.send_body(sid, b"", end=True))
+        self.credit.pop(sid, None)
+        self.cancelled.discard(sid)
+
+
+async def _serve(repo: Repo, client_uuid: str | None) -> int:
+    send = trio.lowlevel.FdStream(os.dup(1))
+    receive = trio.lowlevel.FdStream(os.dup(0))
+    worker = NodeWorker(repo, client_uuid, send, receive)
+    code = 0
+    try:
+        await worker.run()
+    finally:
+        try:
+            worker.close()
+        except Exception as exc:
+            warn(f"git-annex-shell: noderpc: could not commit the git-annex branch: {exc}")
+            code = 1
+        for stream in (send, receive):
+            with suppress(*_BROKEN):
+                await stream.aclose()
+    if worker.failure is not None:
+        warn(f"git-annex-shell: noderpc: {worker.failure}")
+    return 1 if worker.failure is not None or worker.gone else code
+
+
+def serve(repo: Repo, client_uuid: str | None) -> int:
+    try:
+        return trio.run(_serve, repo, client_uuid)
+    finally:
+        restore_stdio()
