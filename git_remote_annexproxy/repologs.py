@@ -115,7 +115,7 @@ def parse_maxsize_log(data: bytes) -> dict[str, int]:
     """maxsize.log -> {uuid: bytes}."""
     out: dict[str, int] = {}
     for uuid, value in parse_new_layout(data).items():
-        value = value.strip()
-        if value.isascii() and value.isdigit():
-            out[uuid] = int(value)
+        size = value.strip()
+        if size.isascii() and size.isdigit():
+            out[uuid] = int(size)
     return out
