@@ -52,7 +52,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="git annexproxy", description=__doc__.split("\n\n")[0])
+    p = _Parser(
+        prog="git annexproxy",
+        description="What sits behind a proxy remote, and annexed content without git-annex. "
+        "See git-annexproxy(1).",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="list the repositories behind a remote")
     info.add_argument("remote", nargs="?", help="a git remote (default: every one)")
@@ -85,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @dataclass(frozen=True)
 class Clone:
-    gitdir: Path
+    gitdir: Path  # this work tree's: its index
+    commondir: Path  # shared by linked work trees: refs, config, the annex (as git-annex)
     top: Path | None  # None for a bare repository
     prefix: str  # cwd relative to top, "" or ending in "/"
     config: GitConfig
@@ -100,17 +105,18 @@ def find_clone() -> Clone:
         )
         return proc.stdout.split("\n") if proc.returncode == 0 else None
 
-    found = rev_parse("--absolute-git-dir", "--is-inside-work-tree")
+    found = rev_parse("--absolute-git-dir", "--git-common-dir", "--is-inside-work-tree")
     if found is None:
         raise Fatal("not a git repository (or any of the parent directories)")
     gitdir = Path(found[0])
+    commondir = Path.cwd() / found[1]  # relative to the current directory, or absolute
     top: Path | None = None
     prefix = ""
-    if found[1] == "true":
+    if found[2] == "true":
         inside = rev_parse("--show-toplevel", "--show-prefix")
         if inside is not None:
             top, prefix = Path(inside[0]), inside[1]
-    return Clone(gitdir, top, prefix, _git_config())
+    return Clone(gitdir, commondir, top, prefix, _git_config())
 
 
 def _git_config() -> GitConfig:
@@ -159,7 +165,7 @@ def _views(clone: Clone, logs: BranchLogs, only: str | None) -> tuple[list[Remot
     for name in names:
         try:
             url = discovery.remote_url(clone.config, name)
-            uuid = discovery.remote_uuid(clone.gitdir, clone.config, name, url)
+            uuid = discovery.remote_uuid(clone.commondir, clone.config, name, url)
         except discovery.DiscoveryError as exc:
             errors.append(str(exc))
             continue
@@ -174,7 +180,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from git_remote_annexproxy.discovery import BranchLogs  # noqa: PLC0415
 
     clone = find_clone()
-    logs = BranchLogs(clone.gitdir)
+    logs = BranchLogs(clone.commondir)
     views, errors = _views(clone, logs, args.remote)
     if not views and not errors:
         raise Fatal("no remote with a git-annex branch (git fetch <remote> git-annex)")
@@ -334,7 +340,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     scopes = [_scope(clone, p) for p in args.paths or ["."]]
     progress = _Progress(enabled=sys.stderr.isatty() and not args.json and not args.quiet)
     report = _Report(args.json, args.quiet, progress)
-    store = AnnexStore(clone.gitdir, bare=False)
+    store = AnnexStore(clone.commondir, bare=False)
 
     matched: set[str] = set()
     wanted: dict[Key, list[AnnexedFile]] = {}
@@ -344,11 +350,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         if obj is None:
             wanted.setdefault(f.key, []).append(f)
         elif f.unlocked:  # content already here (an earlier run, or another file's key)
-            done = populate(top, f, obj)
-            if done is not None:
-                populated.append(done)
-                report.ok(f.path, f.key, None, 0, None)
-    for scope, arg in zip(scopes, args.paths or ["."], strict=True):
+            _fill_in(top, f, obj, report, populated)
+    for scope, arg in zip(scopes, args.paths, strict=False):  # only paths the user gave
         if scope not in matched:
             report.fail(arg, None, "did not match any file known to git")
 
@@ -377,7 +380,7 @@ def _fetch_all(
     from git_remote_annexproxy import annexget, discovery  # noqa: PLC0415
 
     assert clone.top is not None
-    logs = discovery.BranchLogs(clone.gitdir)
+    logs = discovery.BranchLogs(clone.commondir)
     views, errors = _views(clone, logs, None)
     for e in errors:
         report.progress.write(sys.stderr, f"warning: {e}")
@@ -386,11 +389,12 @@ def _fetch_all(
         source = next((r for v in views if (r := v.by_name(args.source))), None)
         if source is None:
             raise Fatal(f"no repository named {args.source} (see git annexproxy info)")
-    client = discovery.client_uuid(clone.gitdir, clone.config)
+    client = discovery.client_uuid(clone.commondir, clone.config)
     dead = logs.dead()
     forward_retry = _int_config(clone.config, "annex.forward-retry", annexget.DEFAULT_FORWARD_RETRY)
     report.progress.total_files = sum(len(fs) for fs in wanted.values())
     report.progress.total_bytes = sum((k.size or 0) * len(fs) for k, fs in wanted.items())
+    report.progress.started = time.monotonic()
     populated: list[Populated] = []
 
     def plan(key: Key) -> list[annexget.Source]:
@@ -407,12 +411,9 @@ def _fetch_all(
                 report.fail(f.path, f.key, res.error or "failed")
             else:
                 obj = store.find_object(f.key)
-                done = populate(clone.top, f, obj) if f.unlocked and obj is not None else None
-                if done is not None:
-                    populated.append(done)
-                nbytes = 0 if shown else res.bytes
-                uuid = res.source.uuid if res.source else None
-                report.ok(f.path, f.key, res.source.name if res.source else None, nbytes, uuid)
+                assert obj is not None and res.source is not None
+                nbytes = 0 if shown else res.bytes  # a key's bytes count once
+                _fill_in(clone.top, f, obj, report, populated, source=res.source, nbytes=nbytes)
                 shown = True
             report.progress.file_done()
         report.bytes += res.bytes
@@ -422,7 +423,7 @@ def _fetch_all(
         async with trio.open_nursery() as nursery:
             pool = annexget.SessionPool(nursery, client, env, max_idle=args.jobs)
             fetcher = annexget.Fetcher(
-                clone.gitdir, store, pool, logs, client,
+                clone.commondir, store, pool, logs, client,
                 forward_retry=forward_retry, on_bytes=report.progress.add,
             )  # fmt: skip
             limiter = trio.CapacityLimiter(args.jobs)
@@ -445,6 +446,30 @@ def _fetch_all(
 
     trio.run(run)
     return populated
+
+
+def _fill_in(
+    top: Path,
+    f: AnnexedFile,
+    obj: Path,
+    report: _Report,
+    populated: list[Populated],
+    *,
+    source: Repository | None = None,
+    nbytes: int = 0,
+) -> None:
+    """Report a file whose object is in place, filling it in first if it is unlocked."""
+    if f.unlocked:
+        try:
+            done = populate(top, f, obj)
+        except OSError as exc:
+            report.fail(f.path, f.key, f"cannot fill in the unlocked file: {exc.strerror}")
+            return
+        if done is None:
+            return  # no longer the pointer: the user's file, left alone
+        populated.append(done)
+    name, uuid = (source.name, source.uuid) if source else (None, None)
+    report.ok(f.path, f.key, name, nbytes, uuid)
 
 
 def _int_config(config: GitConfig, key: str, default: int) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -162,7 +162,6 @@ class Fetched:
     source: Repository | None = None
     bytes: int = 0  # received over the wire, all attempts
     error: str | None = None
-    tried: list[str] = field(default_factory=list)
 
 
 class _Absent(Exception):
@@ -204,7 +203,6 @@ class Fetcher:
         result = Fetched(key, ok=False)
         errors: list[str] = []
         for src in sources:
-            result.tried.append(src.repo.name)
             retries = self.forward_retry
             while True:
                 before = result.bytes

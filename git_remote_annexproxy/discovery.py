@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import subprocess
+import time
 import uuid as uuidlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
 Kind = Literal["repository", "proxy", "node", "cluster", "special"]
 
 LOCAL_BRANCH = b"refs/heads/git-annex"
+HELPER_UUID = "annexproxy.uuid"  # where git-remote-annexproxy keeps a UUID it made
 CONFIGLIST_TIMEOUT = 60.0
+OUTPUT_LIMIT = 65536  # bytes kept of a server command's stdout, and of its stderr
 # Trees of the git-annex branch kept parsed: the root (a few thousand entries) and the
 # hash directories a run touches. Bounded so a huge branch cannot eat memory.
 _TREE_CACHE_SIZE = 4096
@@ -290,14 +294,7 @@ def remote_uuid(
     env = without_local_repo(os.environ if env is None else env)
     try:
         argv = urls.shell_argv(url, ["configlist", url.path], env)
-        proc = subprocess.run(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=CONFIGLIST_TIMEOUT,
-            check=False,
-        )
+        code, out, err = run_bounded(argv, env, timeout=CONFIGLIST_TIMEOUT)
     except ValueError as exc:
         raise DiscoveryError(f"{remote}: {exc}") from None
     except OSError as exc:
@@ -305,16 +302,53 @@ def remote_uuid(
     except subprocess.TimeoutExpired:
         raise DiscoveryError(f"{remote}: no answer within {CONFIGLIST_TIMEOUT:.0f}s") from None
     found = ""
-    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+    for line in out.decode("utf-8", "replace").splitlines():
         name, _, value = line.partition("=")
         if name == "annex.uuid":
             found = value.strip()
-    if proc.returncode != 0 or not found:
-        said = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    if code != 0 or not found:
+        said = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
         why = said[-1].strip() if said else "not a git-annex repository"
         raise DiscoveryError(f"{remote}: cannot learn its UUID: {why}")
     git_config_set(gitdir, key, found)
     return found
+
+
+def run_bounded(
+    argv: Sequence[str], env: Mapping[str, str], *, timeout: float, limit: int = OUTPUT_LIMIT
+) -> tuple[int, bytes, bytes]:
+    """Run a command that talks to a server: (exit status, the first `limit` bytes of its
+    stdout, the last `limit` bytes of its stderr). Killed after `timeout` seconds
+    (TimeoutExpired); whatever it writes beyond the limits is read and dropped."""
+    proc = subprocess.Popen(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    with proc, selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise subprocess.TimeoutExpired(list(argv), timeout)
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif key.data is out:
+                    out += chunk[: max(0, limit - len(out))]
+                else:
+                    err += chunk
+                    del err[:-limit]
+        try:
+            code = proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return code, bytes(out), bytes(err)
 
 
 def client_uuid(gitdir: Path, config: GitConfig) -> str:
@@ -322,11 +356,13 @@ def client_uuid(gitdir: Path, config: GitConfig) -> str:
 
     A server wants one in every p2pstdio session. It goes where git-annex keeps its own, so
     a later `git annex init` adopts it (init keeps an existing annex.uuid) and the location
-    log lines we wrote for this clone stay true.
+    log lines we wrote for this clone stay true. A clone made by our remote helper may
+    already have one in `annexproxy.uuid`: that identity is kept, so the server sees one
+    client, not two.
     """
     known = config.get("annex.uuid")
     if known:
         return known
-    made = str(uuidlib.uuid4())
+    made = config.get(HELPER_UUID) or str(uuidlib.uuid4())
     git_config_set(gitdir, "annex.uuid", made)
     return made

@@ -87,12 +87,9 @@ async def _write_stderr(data: bytes | bytearray) -> None:
 
 
 class Tunnel:
-    """An established CONNECT: the session process, its channel, and its stderr."""
+    """An established CONNECT: the session's channel and its stderr."""
 
-    def __init__(
-        self, process: trio.Process, channel: P2PChannel, stderr: StderrRelay, idle: float
-    ) -> None:
-        self.process = process
+    def __init__(self, channel: P2PChannel, stderr: StderrRelay, idle: float) -> None:
         self.channel = channel
         self.stderr = stderr
         self.idle_timeout = idle
@@ -225,10 +222,13 @@ async def run_service(
         nursery.start_soon(stderr.run)
         try:
             outcome = await _session(
-                process, channel, stderr, service, idle_timeout=idle_timeout, announce=announce
+                channel, stderr, service, idle_timeout=idle_timeout, announce=announce
             )
         except TunnelError as exc:
             outcome = exc
+        except OSError as exc:
+            # Telling git, or setting up its pipes, failed: git is gone or broken.
+            outcome = TunnelError(f"cannot talk to git: {exc.strerror or exc}")
         finally:
             with trio.CancelScope(shield=True):
                 await channel.aclose()  # the session sees EOF and ends
@@ -249,7 +249,6 @@ async def run_service(
 
 
 async def _session(
-    process: trio.Process,
     channel: P2PChannel,
     stderr: StderrRelay,
     service: str,
@@ -281,7 +280,7 @@ async def _session(
     git_in = trio.lowlevel.FdStream(os.dup(0))
     git_out = trio.lowlevel.FdStream(os.dup(1))
     try:
-        return await Tunnel(process, channel, stderr, idle_timeout).relay(git_in, git_out)
+        return await Tunnel(channel, stderr, idle_timeout).relay(git_in, git_out)
     finally:
         for stream in (git_in, git_out):
             await stream.aclose()

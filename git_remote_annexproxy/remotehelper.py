@@ -35,6 +35,8 @@ MAX_COMMAND = 4096  # bytes of one helper command line; git's are a few dozen
 IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
 DEFAULT_IDLE_TIMEOUT = 7200.0
 UUID_CONFIG = "annexproxy.uuid"
+# git's configuration for ssh, applied when the environment does not say otherwise.
+SSH_SETTINGS = (("GIT_SSH_COMMAND", "core.sshcommand"), ("GIT_SSH_VARIANT", "ssh.variant"))
 
 
 class Fatal(Exception):
@@ -134,6 +136,8 @@ class Helper:
             sys.stderr.flush()
         reply(b"\n")
         try:
+            # No timeout of ours: this is git's own transport, which git waits on for as long
+            # as the transfer takes (ssh's keep-alives bound a dead connection).
             returncode = subprocess.run(argv, env=env, check=False).returncode
         except OSError as exc:
             raise Fatal(f"cannot run {argv[0]}: {exc.strerror}") from None
@@ -145,7 +149,7 @@ class Helper:
         """The environment for ssh or a local server: no trace of our own repository, the
         ssh settings git would use, and GIT_PROTOCOL as git would send it."""
         env = without_local_repo(self.env)
-        for variable, key in (("GIT_SSH_COMMAND", "core.sshcommand"), ("GIT_SSH_VARIANT", "ssh.variant")):  # fmt: skip
+        for variable, key in SSH_SETTINGS:
             if not env.get(variable) and self.config.get(key):
                 env[variable] = self.config[key]
         protocol = git_protocol(service, self.config.get("protocol.version"))

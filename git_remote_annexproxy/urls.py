@@ -96,14 +96,20 @@ def _check_name(value: str, what: str) -> None:
         raise _refuse(f"bad character in {what} {value!r}")
 
 
-def _split_host(hostport: str, url: str, *, allow_port: bool) -> tuple[str, int | None]:
-    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host without brackets, port)."""
+def _split_host(hostport: str, url: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host without brackets, port).
+
+    (The scp-like form never gets here with a port: its host ends at the first colon.)
+    """
     port_text: str | None = None
     if hostport.startswith("["):
         end = hostport.find("]")
         if end < 0:
             raise _refuse(f"unclosed '[' in host of {url!r}")
         host, rest = hostport[1:end], hostport[end + 1 :]
+        if host.count(":") == 1:
+            # git's `[host:port]:path`; one way to give a port is enough: ssh://host:port/.
+            raise _refuse(f"brackets are for IPv6 addresses; use ssh://host:port/path: {url!r}")
         if rest:
             if not rest.startswith(":"):
                 raise _refuse(f"junk after ']' in host of {url!r}")
@@ -114,16 +120,11 @@ def _split_host(hostport: str, url: str, *, allow_port: bool) -> tuple[str, int 
         # More than one colon and no brackets: git reads that as an IPv6 address, no port.
         host = hostport
     port: int | None = None
-    if port_text is not None:
-        if not allow_port:
-            raise _refuse(f"a port needs the ssh:// form: {url!r}")
-        # An empty port (`host:/path`) means the default, as in git.
-        if port_text:
-            if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
-                raise _refuse(f"bad port {port_text!r} in {url!r}")
-            port = int(port_text)
-    if ":" in host and not hostport.startswith("[") and port_text is not None:
-        raise _refuse(f"IPv6 host needs brackets in {url!r}")
+    # An empty port (`ssh://host:/path`) means the default, as in git.
+    if port_text:
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise _refuse(f"bad port {port_text!r} in {url!r}")
+        port = int(port_text)
     _check_name(host, "hostname")
     return host, port
 
@@ -167,7 +168,7 @@ def parse_url(url: str) -> ProxyURL:
         if not slash:
             raise _refuse(f"no repository path in URL {url!r}")
         user, hostport = _split_user(authority)
-        host, port = _split_host(hostport, url, allow_port=True)
+        host, port = _split_host(hostport, url)
         _check_path(path, url)
         return ProxyURL("ssh", user, host, port, _dir_of("/" + path))
     if text.startswith("/"):
@@ -186,7 +187,7 @@ def parse_url(url: str) -> ProxyURL:
     if colon < 0 or (0 <= first_slash < colon):
         raise _refuse(f"a local path must be absolute: {url!r}")
     user, hostpart = _split_user(text[:colon])
-    host, _ = _split_host(hostpart, url, allow_port=False)
+    host, _ = _split_host(hostpart, url)
     raw = text[colon + 1 :]
     _check_path(raw, url)
     return ProxyURL("ssh", user, host, None, _dir_of(raw))

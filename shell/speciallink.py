@@ -112,6 +112,7 @@ class SpecialLink(NodeLink):
                 raise NodeError(f"{self.remote.name}: {exc}") from None
             encryption = Encryption(cipher, mac_name(fields), gpg, recipients(stored))
         await trio.to_thread.run_sync(Spool.remove_stale, self.annexdir)
+        await storage.cleanup()
         self.special = SpecialRemote(
             self.uuid,
             storage,
@@ -171,14 +172,16 @@ class SpecialLink(NodeLink):
             return _SpecialDownload(self, self._track(special.read(layout, offset)), length)
         # Unknown length: retrieve it all into a spool first. That may take longer than
         # one request may, so it is bounded per step (as the storing of a PUT) instead.
-        spool = self.new_spool()
+        spool: Spool | None = None
         try:
+            spool = self.new_spool()
             with trio.CancelScope(shield=True):
                 async with contextlib.aclosing(special.read(layout, 0)) as content:
                     async for piece in content:
                         await trio.to_thread.run_sync(spool.append, piece)
         except (StorageError, GpgError, OSError) as exc:
-            self.drop_spool(spool)
+            if spool is not None:
+                self.drop_spool(spool)
             raise self._refused(exc) from None
         length = max(0, spool.size - offset)
         return _SpecialDownload(
@@ -224,7 +227,12 @@ async def _then_drop(
 
 
 class _SpecialUpload(Upload):
-    """A PUT: the DATA is spooled and hashed as it arrives, stored at `finish`."""
+    """A PUT: the DATA is spooled and hashed as it arrives, stored at `finish`.
+
+    Nothing here fails in the middle of the DATA (the client is still sending it; an
+    ERROR now would be read as payload): a spool that cannot be written is remembered and
+    reported as the answer to the PUT.
+    """
 
     def __init__(self, link: SpecialLink, key: Key) -> None:
         self.link = link
@@ -233,13 +241,16 @@ class _SpecialUpload(Upload):
         self.spool: Spool | None = None
         self.verifier: Verifier | None = None
         self.pending = bytearray()
-        self.refused = False
+        self.error: OSError | None = None
 
     async def send_data(self, length: int) -> None:
         if self.key.size is not None and length != self.key.size:
-            self.refused = True  # cannot be the content: not even spooled
+            return  # cannot be the content: not even spooled, and finish says FAILURE
+        try:
+            self.spool = self.link.new_spool()
+        except OSError as exc:
+            self.error = exc
             return
-        self.spool = self.link.new_spool()
         self.verifier = self.key.verifier()
 
     async def send_piece(self, data: bytes) -> None:
@@ -255,13 +266,22 @@ class _SpecialUpload(Upload):
         try:
             await trio.to_thread.run_sync(self.spool.append, data, self.verifier)
         except OSError as exc:
-            raise self.link._refused(exc) from None
+            self.error = exc
+            self._drop()
+
+    def _drop(self) -> None:
+        if self.spool is not None:
+            self.link.drop_spool(self.spool)
+            self.spool = None
 
     async def finish(self, valid: bool | None) -> Outcome:
         try:
-            if self.spool is None or self.refused:
+            if self.spool is not None:
+                await self._flush()
+            if self.error is not None:
+                raise self.link._refused(self.error)
+            if self.spool is None:
                 return Outcome(False)
-            await self._flush()
             assert self.verifier is not None
             if valid is False or not self.verifier.ok():
                 warn("  Verification of content failed")
@@ -274,9 +294,7 @@ class _SpecialUpload(Upload):
         except (StorageError, GpgError, OSError) as exc:
             raise self.link._refused(exc) from None
         finally:
-            if self.spool is not None:
-                self.link.drop_spool(self.spool)
-                self.spool = None
+            self._drop()
 
     async def data_present(self) -> Outcome:
         return Outcome(await self.link.checkpresent(self.key))

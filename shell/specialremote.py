@@ -238,6 +238,9 @@ class SpecialRemote:
                 # The storage finalizes the object only after the whole output, and
                 # _output raises first if gpg failed: no bad object is ever stored.
                 await self.storage.store(target, _output(gpg))
+        except BaseExceptionGroup as group:
+            # Callers handle one error; when both sides failed, the first says why.
+            raise _first_error(group) from None
         finally:
             await gpg.aclose()
 
@@ -327,6 +330,18 @@ async def _output(gpg: GpgProcess) -> AsyncGenerator[bytes, None]:
     while piece := await gpg.receive():
         yield piece
     await gpg.wait()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            todo[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
 
 
 def _which(key: Key) -> str:

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -28,6 +29,10 @@ from git_remote_annexproxy.keys import Key
 # Writes are gathered into pieces of this size before a worker thread writes them.
 WRITE_SIZE = 1 << 20
 READ_SIZE = 1 << 20
+# A store in progress writes its temp file at least every node timeout; one untouched for
+# this long was left by a process that was killed.
+STALE_TMP_SECONDS = 3600.0
+_TMP_PREFIX = "annexproxy."
 
 
 class StorageError(Exception):
@@ -54,6 +59,9 @@ class SpecialStorage(ABC):
         """A readable file descriptor of the object when it is a local file (saves a
         copy: gpg reads it directly), else None. Raises ObjectMissing."""
         return None
+
+    async def cleanup(self) -> None:  # noqa: B027 - optional: not every storage has temp files
+        """Remove what stores interrupted by a killed process left behind."""
 
     @abstractmethod
     async def present(self, key: Key) -> bool:
@@ -94,7 +102,7 @@ class DirectoryStorage(SpecialStorage):
         kf = key.keyfile()
         # git-annex writes to tmp/<keyfile>/<keyfile> and renames the directory into place;
         # the random name keeps two concurrent stores of one object apart.
-        tmpdir = os.path.join(self.directory, "tmp", f"annexproxy.{secrets.token_hex(8)}")
+        tmpdir = os.path.join(self.directory, "tmp", _TMP_PREFIX + secrets.token_hex(8))
         try:
             await trio.to_thread.run_sync(os.makedirs, tmpdir)
             await self._write(os.path.join(tmpdir, kf), data)
@@ -131,6 +139,22 @@ class DirectoryStorage(SpecialStorage):
             _prevent_write(os.path.join(dest, name))
         _prevent_write(dest)
         _fsync_dir(parent)
+
+    async def cleanup(self) -> None:
+        await trio.to_thread.run_sync(self._cleanup)
+
+    def _cleanup(self) -> None:
+        tmp = os.path.join(self.directory, "tmp")
+        try:
+            entries = [e for e in os.scandir(tmp) if e.name.startswith(_TMP_PREFIX)]
+        except OSError:
+            return
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                stamps = [entry.stat(follow_symlinks=False).st_mtime]
+                stamps += [e.stat(follow_symlinks=False).st_mtime for e in os.scandir(entry)]
+                if time.time() - max(stamps) > STALE_TMP_SECONDS:
+                    _remove_tree(entry.path)
 
     # --- read -----------------------------------------------------------------------------
 

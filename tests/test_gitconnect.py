@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SshEnv, SshEnvFactory
 from hypothesis import given
 from hypothesis import strategies as st
+from p2pdriver import ShellSession, p2pstdio_argv
 
 from shell.pushguard import FLUSH, PushRefused, ReceivePackGuard, next_pkt
-from tests.conftest import SshEnv, SshEnvFactory
-from tests.p2pdriver import ShellSession, p2pstdio_argv
 
 ZERO = "0" * 40
 READONLY_DENIED = "ERROR this repository is read-only; write access denied"

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import SshEnv, SshEnvFactory
+from conftest import SshEnv, SshEnvFactory
 
 HELPER = Path(sys.executable).parent / "git-remote-annexproxy"
 
@@ -94,7 +93,7 @@ def test_clone_sets_annexurl_and_a_stable_client_uuid(ssh_env: SshEnvFactory) ->
 
     assert config("remote.origin.annexurl") == f"ssh://localhost:2222{repo}"
     client = config("annexproxy.uuid")
-    assert ["-p", "2222"] == ssh_argvs(env)[0][2:4]
+    assert ssh_argvs(env)[0][2:4] == ["-p", "2222"]
     env.run(["git", "fetch", "-q"], cwd=clone)
     # The same UUID on every session, so the server's transfer logs name one client.
     assert all(c.endswith(f"'{client}'") for c in ssh_commands(env))
@@ -235,7 +234,7 @@ def test_local_urls(ssh_env: SshEnvFactory, tmp_path: Path) -> None:
 
 def real_shell_env(ssh_env: SshEnvFactory, root: Path) -> SshEnv:
     """The fake ssh with git-annex's git-annex-shell (the wheel's binary) on the server."""
-    import git_annex  # type: ignore[import-untyped]  # noqa: PLC0415 - test dependency
+    import git_annex  # test dependency (the git-annex wheel)
 
     binary = Path(git_annex.__file__).parent / "git-annex"
     env = ssh_env(root)
@@ -277,9 +276,10 @@ def test_git_annex_uses_the_clone_through_our_proxy(ssh_env: SshEnvFactory) -> N
     env.run(["git", "remote", "add", "node1", str(node1)], cwd=proxy, admin=True)
     env.run(["git", "annex", "sync", "-q", "--no-content", "node1"], cwd=proxy, admin=True)
     env.run(["git", "config", "remote.node1.annex-proxy", "true"], cwd=proxy, admin=True)
-    assert "Started proxying for node1" in env.run(
-        ["git", "annex", "updateproxy"], cwd=proxy, admin=True
-    ).stdout
+    assert (
+        "Started proxying for node1"
+        in env.run(["git", "annex", "updateproxy"], cwd=proxy, admin=True).stdout
+    )
     # An admin's working copy puts f.txt on node1 only, and tells the proxy.
     seed = env.root / "seed"
     env.run(["git", "init", "-q", str(seed)], admin=True)
@@ -290,9 +290,7 @@ def test_git_annex_uses_the_clone_through_our_proxy(ssh_env: SshEnvFactory) -> N
     for name, path in (("origin", proxy), ("node1", node1)):
         env.run(["git", "remote", "add", name, str(path)], cwd=seed, admin=True)
     env.run(["git", "annex", "copy", "-q", "--to", "node1", "f.txt"], cwd=seed, admin=True)
-    env.run(
-        ["git", "annex", "sync", "-q", "--no-content", "origin", "node1"], cwd=seed, admin=True
-    )
+    env.run(["git", "annex", "sync", "-q", "--no-content", "origin", "node1"], cwd=seed, admin=True)
 
     clone = env.client_home / "c"
     env.run(["git", "clone", "-q", f"annexproxy::ssh://localhost{proxy}", str(clone)])

@@ -23,7 +23,6 @@ import base64
 import hashlib
 import os
 import shlex
-import signal
 import subprocess
 import threading
 import time
@@ -312,7 +311,8 @@ def test_gpg_command_lines_are_git_annex_ones(
     )
     script.chmod(0o755)
     repo = local_repo(tmp_path, annex_bin, home, wrapper)
-    for name, enc in (("sh", ["encryption=shared"]), ("pk", ["encryption=pubkey", f"keyid={keyid}"])):
+    remotes = {"sh": ["encryption=shared"], "pk": ["encryption=pubkey", f"keyid={keyid}"]}
+    for name, enc in remotes.items():
         (tmp_path / name).mkdir()
         repo.run("git", "annex", "initremote", "-q", name, "type=directory",
                  f"directory={tmp_path / name}", *enc)  # fmt: skip
@@ -345,3 +345,606 @@ def test_gpg_command_lines_are_git_annex_ones(
     assert ("--quiet", "--trust-model", "always", "--decrypt") in runs
     assert ours(gpg.cipher_decrypt_argv()) == ("--quiet", "--trust-model", "always", "--batch",
                                                "--decrypt")  # fmt: skip
+
+
+# --- the proxy: a server repository with four directory special remotes ---------------------
+
+# name: (encryption, chunk) -- shared and hybrid, two chunk sizes, and unchunked.
+REMOTES = {
+    "shchunk": ("shared", "1MiB"),
+    "hychunk": ("hybrid", "256KiB"),
+    "shflat": ("shared", None),
+    "hyflat": ("hybrid", None),
+}
+
+
+@dataclass
+class World:
+    """Our proxy (a bare server repository) fronting `REMOTES`; a client that reaches
+    them through it over the fake ssh as `origin-NAME`; and a `direct` clone on the server
+    where real git-annex has the same remotes enabled directly."""
+
+    env: SshEnv
+    shell: Path
+    proxy: Path
+    client: Path
+    direct: Path
+    stores: dict[str, Path]
+    uuids: dict[str, str]
+
+    def client_run(self, *args: str, check: bool = True) -> str:
+        return self.env.run(list(args), cwd=self.client, check=check).stdout
+
+    def admin(self, *args: str, cwd: Path, check: bool = True) -> str:
+        return self.env.run(list(args), cwd=cwd, admin=True, check=check).stdout
+
+    def proxy_whereis(self, key: Key) -> str:
+        """What real git-annex in the proxy repository says holds `key` (it exits 1 when
+        nothing does, which is an answer here)."""
+        return self.admin("git", "annex", "whereis", "--key", str(key), cwd=self.proxy,
+                          check=False)  # fmt: skip
+
+    def proxy_branch_file(self, path: str) -> bytes | None:
+        proc = subprocess.run(
+            ["git", "show", f"git-annex:{path}"], cwd=self.proxy, env=self.env.admin_env(),
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        return proc.stdout if proc.returncode == 0 else None
+
+    def direct_pull(self) -> None:
+        """Bring the proxy's git-annex branch (chunk logs) into the direct clone."""
+        self.admin("git", "fetch", "-q", "origin", cwd=self.direct)
+        self.admin("git", "annex", "merge", "-q", cwd=self.direct)
+
+    def direct_push(self) -> None:
+        """Give the proxy the direct clone's git-annex branch (the chunk logs it wrote)."""
+        self.direct_pull()
+        self.admin("git", "push", "-q", "origin", "git-annex", cwd=self.direct)
+
+    def p2p_env(self) -> dict[str, str]:
+        return self.env.admin_env()
+
+    def session(self, name: str) -> ShellSession:
+        """Our shell's p2pstdio to special remote `name` through the proxy."""
+        argv = p2pstdio_argv(self.shell, self.proxy, uuid=self.uuids[name])
+        return ShellSession(argv, env=self.p2p_env(), cwd=self.proxy, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    annex_bin: Path,
+    our_shell: Path,
+    gnupg: tuple[Path, str],
+) -> World:
+    home, keyid = gnupg
+    root = tmp_path_factory.mktemp("special")
+    env = make_ssh_env(root / "ssh", annex_bin, our_shell)
+    # The proxy decrypts hybrid ciphers with its own keyring: hand GNUPGHOME to the server.
+    env["GNUPGHOME"] = str(home)
+    env["FAKESSH_PASSENV"] = "GNUPGHOME"
+    proxy = env.make_server_repo("proxy.git", "proxy")
+    stores: dict[str, Path] = {}
+    for name, (encryption, chunk) in REMOTES.items():
+        stores[name] = root / "stores" / name
+        stores[name].mkdir(parents=True)
+        args = ["git", "annex", "initremote", "-q", name, "type=directory",
+                f"directory={stores[name]}", f"encryption={encryption}"]  # fmt: skip
+        if encryption == "hybrid":
+            args.append(f"keyid={keyid}")
+        if chunk:
+            args.append(f"chunk={chunk}")
+        env.run(args, cwd=proxy, admin=True)
+        env.run(["git", "config", f"remote.{name}.annex-proxy", "true"], cwd=proxy, admin=True)
+    env.run(["git", "annex", "updateproxy", "-q"], cwd=proxy, admin=True)
+    uuids = {
+        name: env.run(["git", "config", f"remote.{name}.annex-uuid"], cwd=proxy, admin=True)
+        .stdout.strip()
+        for name in REMOTES
+    }
+    client = root / "client"
+    env.run(["git", "clone", "-q", f"localhost:{proxy}", str(client)])
+    env.run(["git", "annex", "init", "-q", "client"], cwd=client)
+    # 10.20261026's verifyremote gate (proxy-and-cluster.md §4 item 8): inherited setting.
+    env.run(["git", "config", "remote.origin.annex-verified", "verified"], cwd=client)
+    direct = root / "direct"
+    env.run(["git", "clone", "-q", str(proxy), str(direct)], admin=True)
+    env.run(["git", "annex", "init", "-q", "direct"], cwd=direct, admin=True)
+    for name in REMOTES:
+        env.run(["git", "annex", "enableremote", "-q", name, f"directory={stores[name]}"],
+                cwd=direct, admin=True)  # fmt: skip
+        env.run(["git", "config", f"remote.{name}.annex-verified", "verified"],
+                cwd=direct, admin=True)  # fmt: skip
+    return World(env, our_shell, proxy, client, direct, stores, uuids)
+
+
+def add_file(world: World, name: str, content: bytes) -> Key:
+    (world.client / name).write_bytes(content)
+    world.client_run("git", "annex", "add", "-q", name)
+    world.client_run("git", "commit", "-q", "-m", name)
+    return Key.parse(world.client_run("git", "annex", "lookupkey", name).strip())
+
+
+def content_of(run_dir: Path, env: dict[str, str], key: Key) -> bytes:
+    where = subprocess.run(
+        ["git", "annex", "contentlocation", str(key)], cwd=run_dir, env=env,
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    return (run_dir / where).read_bytes()
+
+
+def expected_objects(name: str, length: int) -> int:
+    chunk = REMOTES[name][1]
+    size = chunks.parse_size(chunk) if chunk else None
+    return chunks.chunk_count(length, size) if size else 1
+
+
+@pytest.mark.parametrize("name", sorted(REMOTES))
+def test_proxy_stores_and_git_annex_reads(world: World, name: str) -> None:
+    content = os.urandom(2_500_000)
+    key = add_file(world, f"ours-{name}.bin", content)
+    store = world.stores[name]
+    before = store_files(store)
+    world.client_run("git", "annex", "copy", "-q", "--to", f"origin-{name}", f"ours-{name}.bin")
+    new = store_files(store) - before
+    assert len(new) == expected_objects(name, len(content))
+    # The proxy logged the location and, for a chunked remote, the chunks.
+    assert world.uuids[name] in world.proxy_whereis(key)
+    log = world.proxy_branch_file(chunks.chunk_log_path(key))
+    if REMOTES[name][1]:
+        size = chunks.parse_size(REMOTES[name][1] or "")
+        assert chunks.logged_chunkings(log, world.uuids[name]) == [(size, len(new))]
+    else:
+        assert log is None
+    # Real git-annex, with the remote enabled directly, gets it back byte for byte.
+    world.direct_pull()
+    world.admin("git", "annex", "get", "-q", "--key", str(key), "--from", name, cwd=world.direct)
+    assert content_of(world.direct, world.env.admin_env(), key) == content
+    # REMOVE through the proxy deletes every object and zeroes the chunk count.
+    world.client_run("git", "annex", "drop", "-q", "--from", f"origin-{name}",
+                     f"ours-{name}.bin")  # fmt: skip
+    assert not (store_files(store) & new)
+    assert world.uuids[name] not in world.proxy_whereis(key)
+    if REMOTES[name][1]:
+        assert chunks.logged_chunkings(
+            world.proxy_branch_file(chunks.chunk_log_path(key)), world.uuids[name]
+        ) == []
+
+
+@pytest.mark.parametrize("name", sorted(REMOTES))
+def test_git_annex_stores_and_proxy_serves(world: World, name: str) -> None:
+    content = os.urandom(1_300_000)
+    filename = f"theirs-{name}.bin"
+    (world.direct / filename).write_bytes(content)
+    world.admin("git", "annex", "add", "-q", filename, cwd=world.direct)
+    world.admin("git", "commit", "-q", "-m", filename, cwd=world.direct)
+    key = Key.parse(world.admin("git", "annex", "lookupkey", filename, cwd=world.direct).strip())
+    before = store_files(world.stores[name])
+    world.admin("git", "annex", "copy", "-q", "--to", name, filename, cwd=world.direct)
+    assert len(store_files(world.stores[name]) - before) == expected_objects(name, len(content))
+    world.direct_push()
+    # The client learns where the content is (git-annex only gets from a remote it knows
+    # holds the key), then gets it through our proxy.
+    world.client_run("git", "fetch", "-q", "origin")
+    world.client_run("git", "annex", "merge", "-q")
+    world.client_run("git", "annex", "get", "-q", "--key", str(key), "--from", f"origin-{name}")
+    assert content_of(world.client, dict(world.env), key) == content
+    # And CHECKPRESENT through the proxy finds every chunk (fsck --fast asks only that).
+    world.client_run("git", "annex", "fsck", "-q", "--fast", "--key", str(key),
+                     "--from", f"origin-{name}")  # fmt: skip
+
+
+def test_store_holds_no_plaintext_and_no_key_names(world: World) -> None:
+    content = os.urandom(3 * MiB + 12345)
+    key = add_file(world, "secret.bin", content)
+    for name in REMOTES:
+        world.client_run("git", "annex", "copy", "-q", "--to", f"origin-{name}", "secret.bin")
+    passphrases = []
+    remote_log = world.proxy_branch_file("remote.log") or b""
+    for line in remote_log.decode().splitlines():
+        fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        stored = stored_cipher(fields)
+        if stored is not None and not stored.encrypted:
+            passphrases.append(stored.data[256:300])
+    assert passphrases, "no shared cipher found to look for"
+    # Every 32 bytes window at a 4 KiB stride: any plaintext window in a file is a leak.
+    probes = [content[i : i + 32] for i in range(0, len(content) - 32, 4096)]
+    names = [str(key).encode(), key.name.encode(), key.name.split(".")[0].encode()]
+    for name, store in world.stores.items():
+        files = store_files(store)
+        assert files, name
+        for path in files:
+            assert str(key) not in str(path) and key.name.split(".")[0] not in str(path)
+            assert path.name.startswith("GPGHMACSHA1--"), path
+            data = path.read_bytes()
+            # An OpenPGP symmetric-key session key packet (old or new format), as gpg
+            # writes for a passphrase (shared and hybrid both encrypt symmetrically).
+            assert data[:1] in (b"\x8c", b"\x8d", b"\x8e", b"\x8f", b"\xc3"), path
+            assert not any(p in data for p in probes), f"plaintext in {path}"
+            assert not any(n in data for n in names), f"key name in {path}"
+            assert not any(p in data for p in passphrases), f"cipher in {path}"
+        assert not (store / "tmp").exists() or not list((store / "tmp").iterdir())
+
+
+# --- P2P on our shell directly ----------------------------------------------------------------
+
+
+def p2p_put(s: ShellSession, key: str, content: bytes, validity: str = "VALID") -> str:
+    assert s.request(f"PUT file {key}") == "PUT-FROM 0"
+    s.send_data(content)
+    s.send(validity)
+    return s.readline()
+
+
+def p2p_get(s: ShellSession, key: str, offset: int = 0) -> tuple[bytes, str]:
+    s.send(f"GET {offset} file {key}")
+    data = s.read_data()
+    validity = s.readline()
+    s.send("SUCCESS" if validity == "VALID" else "FAILURE")
+    return data, validity
+
+
+def othertmp_files(world: World) -> list[str]:
+    tmp = world.proxy / "annex" / "othertmp"
+    return sorted(os.listdir(tmp)) if tmp.is_dir() else []
+
+
+@pytest.mark.parametrize("name", ["shchunk", "hyflat"])
+def test_get_from_any_offset(world: World, name: str) -> None:
+    content = os.urandom(2 * MiB + 4321)
+    key = sha256e_key(content, ".bin")
+    size = MiB
+    offsets = [0, 1, size - 1, size, size + 1, 2 * size, len(content) - 1, len(content)]
+    with world.session(name) as s:
+        assert s.handshake() == world.uuids[name]
+        assert p2p_put(s, key, content) == "SUCCESS"
+        assert s.request(f"CHECKPRESENT {key}") == "SUCCESS"
+        for offset in offsets:
+            assert p2p_get(s, key, offset) == (content[offset:], "VALID")
+        assert s.finish().code == 0
+    assert othertmp_files(world) == []
+
+
+@pytest.mark.parametrize("name", ["hychunk", "shflat"])
+def test_key_without_size(world: World, name: str) -> None:
+    """A key without -s: the PUT is checked by hash alone, and a GET (length unknown until
+    the content is retrieved) is spooled first, then streamed."""
+    content = os.urandom(700_000)
+    key = f"SHA256E--{hashlib.sha256(content).hexdigest()}.bin"
+    with world.session(name) as s:
+        s.handshake()
+        assert p2p_put(s, key, content) == "SUCCESS"
+        for offset in (0, 300_000, 700_000):
+            assert p2p_get(s, key, offset) == (content[offset:], "VALID")
+        assert s.request(f"REMOVE {key}") == "SUCCESS"
+        assert s.finish().code == 0
+    assert othertmp_files(world) == []
+
+
+def test_refusals_and_errors(world: World) -> None:
+    content = os.urandom(300_000)
+    key = sha256e_key(content, ".bin")
+    store = world.stores["hychunk"]
+    before = store_files(store)
+    with world.session("hychunk") as s:
+        s.handshake()
+        wrong = bytearray(content)
+        wrong[1000] ^= 1
+        assert p2p_put(s, key, bytes(wrong)) == "FAILURE"  # hash mismatch
+        assert p2p_put(s, key, content, "INVALID") == "FAILURE"
+        assert p2p_put(s, key, content[:-1]) == "FAILURE"  # wrong length
+        assert store_files(store) == before
+        assert world.proxy_branch_file(chunks.chunk_log_path(Key.parse(key))) is None
+        assert s.request(f"CHECKPRESENT {key}") == "FAILURE"
+        assert s.request(f"GET 0 file {key}").startswith(
+            "ERROR proxied special remote reports: "
+        )
+        assert p2p_put(s, key, content) == "SUCCESS"
+        assert s.request(f"LOCKCONTENT {key}") == "FAILURE"  # special remotes cannot lock
+        assert s.request(f"CHECKPRESENT {key}") == "SUCCESS"
+        # A PUT of content already there answers PUT-FROM 0 again, and keeps it whole.
+        assert p2p_put(s, key, content) == "SUCCESS"
+        assert p2p_get(s, key) == (content, "VALID")
+        assert s.request(f"REMOVE {key}") == "SUCCESS"
+        assert s.request(f"CHECKPRESENT {key}") == "FAILURE"
+        assert s.finish().code == 0
+    assert store_files(store) == before
+
+
+def test_unreachable_store_is_reported(world: World) -> None:
+    content = b"unreachable\n"
+    key = sha256e_key(content)
+    store = world.stores["shflat"]
+    moved = store.with_name("shflat-away")
+    store.rename(moved)
+    try:
+        with world.session("shflat") as s:
+            s.handshake()
+            expected = f"ERROR proxied special remote reports: directory {store} is not accessible"
+            for request in (f"CHECKPRESENT {key}", f"REMOVE {key}"):
+                assert s.request(request) == expected
+            s.send(f"PUT file {key}")
+            assert s.readline() == "PUT-FROM 0"
+            s.send_data(content)
+            s.send("VALID")
+            assert s.readline().startswith("ERROR proxied special remote reports: ")
+            assert s.finish().code == 0
+    finally:
+        moved.rename(store)
+    assert othertmp_files(world) == []
+
+
+def test_corrupt_chunk_gives_invalid_and_the_session_goes_on(world: World) -> None:
+    content = os.urandom(2 * MiB + 100)
+    key = sha256e_key(content, ".bin")
+    store = world.stores["shchunk"]
+    before = store_files(store)
+    with world.session("shchunk") as s:
+        s.handshake()
+        assert p2p_put(s, key, content) == "SUCCESS"
+        new = sorted(store_files(store) - before, key=lambda p: p.stat().st_size)
+        assert len(new) == 3
+        victim = new[-1]  # a full-size chunk
+        victim.parent.chmod(0o755)
+        victim.chmod(0o644)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        victim.write_bytes(bytes(data))
+        got, validity = p2p_get(s, key)
+        assert validity == "INVALID" and len(got) == len(content)
+        assert s.request(f"CHECKPRESENT {key}") == "SUCCESS"  # still usable
+        assert s.request(f"REMOVE {key}") == "SUCCESS"
+        assert s.finish().code == 0
+    assert store_files(store) == before
+
+
+def test_client_gone_mid_put_leaves_nothing(world: World) -> None:
+    content = os.urandom(4 * MiB)
+    key = sha256e_key(content, ".bin")
+    store = world.stores["hychunk"]
+    before = store_files(store)
+    # The client closes the connection halfway through the DATA.
+    with world.session("hychunk") as s:
+        s.handshake()
+        assert s.request(f"PUT file {key}") == "PUT-FROM 0"
+        s.send_raw(b"DATA %d\n" % len(content) + content[: len(content) // 2])
+        assert s.finish().code == 0
+    # The proxy itself is killed halfway through: its spool has no name to leave behind.
+    with world.session("hychunk") as s:
+        s.handshake()
+        assert s.request(f"PUT file {key}") == "PUT-FROM 0"
+        s.send_raw(b"DATA %d\n" % len(content) + content[: len(content) // 2])
+        assert wait_for(lambda: spool_open(s.proc.pid, world.proxy))
+        s.kill()
+    assert othertmp_files(world) == []
+    assert store_files(store) == before
+
+
+def spool_open(pid: int, proxy: Path) -> bool:
+    """Whether process `pid` has a file open in the proxy's annex/othertmp."""
+    prefix = str(proxy / "annex" / "othertmp") + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def wait_for(condition: object, timeout: float = 60.0) -> bool:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def shell_pids(proxy: Path) -> list[int]:
+    """Our git-annex-shell processes serving `proxy` (p2pstdio)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"p2pstdio" in a for a in argv) and any(str(proxy).encode() in a for a in argv):
+            out.append(int(entry))
+    return out
+
+
+def test_killed_git_annex_client_leaves_no_temp_files(world: World) -> None:
+    content = os.urandom(64 * MiB)
+    (world.client / "killed.bin").write_bytes(content)
+    world.client_run("git", "annex", "add", "-q", "killed.bin")
+    store = world.stores["shchunk"]
+    before = store_files(store)
+    client = subprocess.Popen(
+        ["git", "annex", "copy", "-q", "--to", "origin-shchunk", "killed.bin"],
+        cwd=world.client, env=dict(world.env), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: any(spool_open(p, world.proxy) for p in shell_pids(world.proxy)))
+        shells = shell_pids(world.proxy)
+        client.kill()  # SIGKILL to git-annex alone: the proxy sees its connection drop
+        client.wait(timeout=60)
+        assert wait_for(lambda: not any(p in shell_pids(world.proxy) for p in shells))
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(timeout=60)
+    assert othertmp_files(world) == []
+    assert not (store / "tmp").exists() or not list((store / "tmp").iterdir())
+    # Either nothing was stored, or (killed after the DATA) a complete chunk set was.
+    new = store_files(store) - before
+    assert len(new) in (0, 64)
+
+
+# --- memory: 1 GiB through an encrypted, chunked remote ------------------------------------
+
+
+class RssSampler:
+    """Follows one process's VmHWM, the kernel's own high-water mark of its resident set
+    (since its exec), every 50 ms from a thread; `peak` in KiB. Not wait4's ru_maxrss:
+    that also counts the forked copy of the test process before the exec."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = max(self.peak, int(line.split()[1]))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peak
+
+
+@pytest.mark.slow
+def test_one_gib_through_an_encrypted_chunked_remote_in_bounded_memory(world: World) -> None:
+    # ANNEXPROXY_RSS_TEST_BYTES: a smaller size for a quicker look (a multiple of 1 MiB).
+    size = int(os.environ.get("ANNEXPROXY_RSS_TEST_BYTES", str(1 << 30)))
+    name = "bigsh"
+    store = world.stores["shchunk"].with_name(name)
+    store.mkdir()
+    # 100 MiB chunks: git-annex itself holds a chunk in memory; we must not.
+    world.admin("git", "annex", "initremote", "-q", name, "type=directory", f"directory={store}",
+                "encryption=shared", "chunk=100MiB", cwd=world.proxy)  # fmt: skip
+    world.admin("git", "config", f"remote.{name}.annex-proxy", "true", cwd=world.proxy)
+    world.admin("git", "annex", "updateproxy", "-q", cwd=world.proxy)
+    world.uuids[name] = world.admin("git", "config", f"remote.{name}.annex-uuid",
+                                    cwd=world.proxy).strip()  # fmt: skip
+    block = os.urandom(MiB)
+    digest = hashlib.sha256()
+    for i in range(size // MiB):  # distinct blocks, made again while sending
+        digest.update(bytes([i % 251]) + block[1:])
+    key = f"SHA256E-s{size}--{digest.hexdigest()}.bin"
+    with world.session(name) as s:
+        s.timeout = 600
+        s.handshake()
+        sampler = RssSampler(s.proc.pid)
+        started = time.monotonic()
+        assert s.request(f"PUT file {key}") == "PUT-FROM 0"
+        s.send_raw(b"DATA %d\n" % size)
+        for i in range(size // MiB):
+            s.send_raw(bytes([i % 251]) + block[1:])
+        s.send("VALID")
+        assert s.readline(timeout=600) == "SUCCESS"
+        put_seconds = time.monotonic() - started
+        started = time.monotonic()
+        s.send(f"GET 0 file {key}")
+        assert s.readline(timeout=600) == f"DATA {size}"
+        back = hashlib.sha256()
+        remaining = size
+        while remaining:
+            piece = s.read_exact(min(remaining, 4 * MiB), timeout=600)
+            back.update(piece)
+            remaining -= len(piece)
+        assert s.readline(timeout=600) == "VALID"
+        s.send("SUCCESS")
+        get_seconds = time.monotonic() - started
+        assert s.request(f"REMOVE {key}") == "SUCCESS"
+        time.sleep(0.2)  # one more sample of the high-water mark, which only grows
+        peak = sampler.stop()
+        assert s.finish(timeout=120).code == 0
+    assert back.hexdigest() == digest.hexdigest()
+    print(
+        f"\n{size >> 20} MiB, encryption=shared chunk=100MiB: PUT {put_seconds:.1f}s,"
+        f" GET {get_seconds:.1f}s, proxy peak RSS (VmHWM) {peak / 1024:.1f} MiB"
+    )
+    assert 0 < peak < 150 * 1024, f"proxy RSS peaked at {peak / 1024:.1f} MiB"
+
+
+def test_stale_temp_directories_in_the_store_are_cleaned(world: World) -> None:
+    """A store interrupted by a killed proxy leaves tmp/annexproxy.* behind (the object
+    being written, encrypted); the next session removes it once it is clearly stale."""
+    tmp = world.stores["shflat"] / "tmp"
+    stale, fresh = tmp / "annexproxy.0000000000000000", tmp / "annexproxy.1111111111111111"
+    for d in (stale, fresh):
+        d.mkdir(parents=True)
+        (d / "object").write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    os.utime(stale / "object", (old, old))
+    os.utime(stale, (old, old))
+    with world.session("shflat") as s:
+        s.handshake()
+        assert s.request("CHECKPRESENT " + sha256e_key(b"x")) == "FAILURE"
+        assert s.finish().code == 0
+    assert not stale.exists() and fresh.exists()
+    (fresh / "object").unlink()
+    fresh.rmdir()
+
+
+def test_special_remote_as_a_cluster_node(
+    tmp_path: Path, annex_bin: Path, our_shell: Path, gnupg: tuple[Path, str]
+) -> None:
+    """A cluster whose nodes are a repository and an encrypted special remote: the gateway
+    fans out to both, the special one served in-process."""
+    env = make_ssh_env(tmp_path / "ssh", annex_bin, our_shell)
+    env["GNUPGHOME"] = str(gnupg[0])
+    env["FAKESSH_PASSENV"] = "GNUPGHOME"
+    gw = env.make_server_repo("gw.git", "gw")
+    node1 = env.make_server_repo("node1.git", "node1")
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def admin(*args: str, cwd: Path = gw) -> str:
+        return env.run(list(args), cwd=cwd, admin=True).stdout
+
+    admin("git", "remote", "add", "node1", str(node1))
+    admin("git", "annex", "sync", "-q", "--no-content", "node1")
+    admin("git", "annex", "initremote", "-q", "cnode", "type=directory", f"directory={store}",
+          "encryption=shared", "chunk=512KiB")  # fmt: skip
+    admin("git", "annex", "initcluster", "-q", "mycluster")
+    for node in ("node1", "cnode"):
+        admin("git", "config", f"remote.{node}.annex-cluster-node", "mycluster")
+    out = admin("git", "annex", "updatecluster")
+    assert "Added node node1" in out and "Added node cnode" in out, out
+    cnode = admin("git", "config", "remote.cnode.annex-uuid").strip()
+    n1 = admin("git", "config", "annex.uuid", cwd=node1).strip()
+
+    client = tmp_path / "client"
+    env.run(["git", "clone", "-q", f"localhost:{gw}", str(client)])
+    env.run(["git", "annex", "init", "-q", "client"], cwd=client)
+    env.run(["git", "config", "remote.origin.annex-verified", "verified"], cwd=client)
+    content = os.urandom(1_200_000)
+    (client / "f.bin").write_bytes(content)
+    env.run(["git", "annex", "add", "-q", "f.bin"], cwd=client)
+    key = env.run(["git", "annex", "lookupkey", "f.bin"], cwd=client).stdout.strip()
+    env.run(["git", "annex", "copy", "-q", "--to", "origin-mycluster", "f.bin"], cwd=client)
+    where = env.run(["git", "annex", "whereis", "f.bin"], cwd=client).stdout
+    assert n1 in where and cnode in where, where
+    assert len(store_files(store)) == 3  # 1.2 MB in 512 KiB chunks
+    # Only the special node left: the gateway gets it back from there.
+    env.run(["git", "annex", "drop", "-q", "--force", "--from", "origin-node1",
+             "f.bin"], cwd=client)  # fmt: skip
+    env.run(["git", "annex", "drop", "-q", "--force", "f.bin"], cwd=client)
+    env.run(["git", "annex", "get", "-q", "--from", "origin-mycluster", "f.bin"], cwd=client)
+    assert (client / "f.bin").read_bytes() == content
+    env.run(["git", "annex", "drop", "-q", "--from", "origin-mycluster", "f.bin"], cwd=client)
+    assert not store_files(store)
+    assert chunks.logged_chunkings(
+        subprocess.run(["git", "show", f"git-annex:{chunks.chunk_log_path(Key.parse(key))}"],
+                       cwd=gw, env=env.admin_env(), capture_output=True, check=True).stdout,
+        cnode,
+    ) == []  # fmt: skip

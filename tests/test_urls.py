@@ -42,7 +42,7 @@ FORMS = [
     ("annexproxy::[::1]:r.git", "ssh", None, "::1", None, "/~/r.git", "ssh://[::1]/~/r.git"),
     ("annexproxy::bob@[::1]:/srv/r", "ssh", "bob", "::1", None, "/srv/r", "ssh://bob@[::1]/srv/r"),
     ("annexproxy::host:dir/with:colon", "ssh", None, "host", None, "/~/dir/with:colon", "ssh://host/~/dir/with:colon"),
-    ("annexproxy::host:it's a repo", "ssh", None, "host", None, "/~/it's a repo", "ssh://host/~/it's a repo"),
+    ("annexproxy::host:it's a", "ssh", None, "host", None, "/~/it's a", "ssh://host/~/it's a"),
     # no ssh
     ("annexproxy::/srv/r.git", "local", None, None, None, "/srv/r.git", "/srv/r.git"),
     ("annexproxy::file:///srv/r.git", "local", None, None, None, "/srv/r.git", "/srv/r.git"),
@@ -76,6 +76,8 @@ REFUSED = [
     ("annexproxy::ssh://host:-22/r", "bad port"),
     ("annexproxy::ssh://[::1/r", "unclosed"),
     ("annexproxy::ssh://[::1]x/r", "junk after"),
+    ("annexproxy::[host:22]:r", "brackets are for IPv6"),
+    ("annexproxy::ssh://[host:22]/r", "brackets are for IPv6"),
     ("annexproxy::ssh://ho st/r", "bad character"),
     ("annexproxy::ssh://@host/r", "empty user name"),
     ("annexproxy::ssh:///r", "empty hostname"),
@@ -115,14 +117,18 @@ def test_git_ssh_command_runs_through_sh_with_positional_arguments() -> None:
     # git's run-command form: the script is the user's command and "$@", nothing of ours.
     assert argv[:4] == ["sh", "-c", f'{command} "$@"', command]
     assert argv[4:] == [
-        "-o", "SendEnv=GIT_PROTOCOL", "host", f"git-annex-shell 'p2pstdio' '/~/$(touch pwned)' '{U}'"
+        "-o", "SendEnv=GIT_PROTOCOL", "host",
+        f"git-annex-shell 'p2pstdio' '/~/$(touch pwned)' '{U}'",
     ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("env", "head"),
     [
-        ({"GIT_SSH": "/opt/bin/myssh"}, ["/opt/bin/myssh", "-o", "SendEnv=GIT_PROTOCOL", "-p", "22"]),
+        (
+            {"GIT_SSH": "/opt/bin/myssh"},
+            ["/opt/bin/myssh", "-o", "SendEnv=GIT_PROTOCOL", "-p", "22"],
+        ),
         ({"GIT_SSH": "/opt/plink.exe"}, ["/opt/plink.exe", "-P", "22"]),
         ({"GIT_SSH": "/opt/tortoiseplink"}, ["/opt/tortoiseplink", "-P", "22", "-batch"]),
         ({"GIT_SSH": "/opt/myssh", "GIT_SSH_VARIANT": "putty"}, ["/opt/myssh", "-P", "22"]),
