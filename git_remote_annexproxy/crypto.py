@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hmac
 import os
 import subprocess
@@ -50,8 +52,10 @@ MACS = {
     "HMACSHA512": "sha512",
 }
 DEFAULT_MAC = "HMACSHA1"
-# gpg's stdout is read in pieces of at most this size (a pipe holds 64 KiB anyway).
-READ_SIZE = 1 << 16
+# The pipes to and from gpg are enlarged to this size (Linux; from the default 64 KiB) and
+# its output is read in pieces of at most this size: fewer wake-ups per gigabyte, and still
+# a small, fixed amount of memory.
+PIPE_SIZE = 1 << 20
 # The passphrase is written into its pipe before gpg starts, so it must fit the pipe's
 # buffer (64 KiB on Linux); git-annex's is about 430 bytes.
 _MAX_PASSPHRASE = 1 << 15
@@ -249,18 +253,18 @@ class GpgProcess:
     ) -> GpgProcess:
         """Run ``argv(fd)``, ``fd`` being the passphrase pipe (None without passphrase);
         ``stdin`` None gives a pipe to feed."""
+        if passphrase is not None and len(passphrase) > _MAX_PASSPHRASE:
+            raise GpgError("cipher passphrase too long")
         rfd: int | None = None
-        if passphrase is not None:
-            if len(passphrase) > _MAX_PASSPHRASE:
-                raise GpgError("cipher passphrase too long")
-            rfd, wfd = os.pipe()
-            try:
-                # gpg reads the passphrase up to the first newline; git-annex adds one.
-                os.write(wfd, passphrase + b"\n")
-            finally:
-                os.close(wfd)
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the object, closed in aclose
         try:
+            if passphrase is not None:
+                rfd, wfd = os.pipe()
+                try:
+                    # gpg reads the passphrase up to the first newline; git-annex adds one.
+                    os.write(wfd, passphrase + b"\n")
+                finally:
+                    os.close(wfd)
             process = await trio.lowlevel.open_process(
                 argv(rfd),
                 stdin=subprocess.PIPE if stdin is None else stdin,
@@ -268,12 +272,17 @@ class GpgProcess:
                 stderr=stderr.fileno(),
                 pass_fds=() if rfd is None else (rfd,),
             )
-        except OSError as exc:
+        except BaseException as exc:
             stderr.close()
-            raise GpgError(f"cannot run gpg: {exc}") from None
+            if isinstance(exc, OSError):
+                raise GpgError(f"cannot run gpg: {exc}") from None
+            raise
         finally:
             if rfd is not None:
                 os.close(rfd)
+        for stream in (process.stdin, process.stdout):
+            if isinstance(stream, trio.lowlevel.FdStream):
+                _enlarge_pipe(stream.fileno())
         return cls(process, stderr, timeout)
 
     def _stalled(self, what: str) -> GpgError:
@@ -300,7 +309,7 @@ class GpgProcess:
         assert self.process.stdout is not None
         try:
             with trio.fail_after(self.timeout):
-                return bytes(await self.process.stdout.receive_some(READ_SIZE))
+                return bytes(await self.process.stdout.receive_some(PIPE_SIZE))
         except trio.TooSlowError:
             raise self._stalled("produced no output") from None
 
@@ -329,3 +338,10 @@ class GpgProcess:
                 if stream is not None:
                     await stream.aclose()
             self._stderr.close()
+
+
+def _enlarge_pipe(fd: int) -> None:
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setpipe is not None:
+        with contextlib.suppress(OSError):  # over the system's limit: keep the default
+            fcntl.fcntl(fd, setpipe, PIPE_SIZE)

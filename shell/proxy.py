@@ -77,6 +77,12 @@ class ProxySession(FrontSession):
                     await self.put(af, key)
             case p2p.Get(offset, af, key):
                 await self.get(offset, af, key)
+            case p2p.Connect() if self.node.special is not None:
+                # p2p-protocol.md §9: a special remote has no git repository to serve.
+                await self.send(p2p.ConnectDone(1))
+                raise SessionEnd(0)
+            case p2p.NotifyChange() if self.node.special is not None:
+                await self.send(p2p.Error("NOTIFYCHANGE unsupported for a special remote"))
             case p2p.Connect(service):
                 # As in git-annex: git is served from the proxy's own repository.
                 if await gitconnect.connect(self.channel, self.repo.gitdir_str, service, self.mode):

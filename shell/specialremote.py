@@ -31,6 +31,8 @@ from git_remote_annexproxy.keys import Key, Verifier
 from shell.specialstore import ObjectMissing, SpecialStorage, StorageError
 
 READ_SIZE = 1 << 20
+# Chunks encrypted at once when storing: one gpg per core, at most this many.
+STORE_JOBS = min(4, os.cpu_count() or 1)
 # Named spool files (only where O_TMPFILE is unsupported) exist for microseconds; one
 # older than this was left by a process that died in between.
 STALE_SPOOL_SECONDS = 60.0
@@ -198,28 +200,42 @@ class SpecialRemote:
     # --- store -----------------------------------------------------------------------------
 
     async def store(self, key: Key, spool: Spool) -> None:
-        """Store the (verified) content in ``spool``: chunk, encrypt, write, then log."""
+        """Store the (verified) content in ``spool``: chunk, encrypt, write, then log.
+
+        Chunks are encrypted and written by up to STORE_JOBS tasks at once (gpg is the
+        bottleneck, and one gpg uses one core); the chunk log is written after all of
+        them, so their order does not matter.
+        """
         length = spool.size
         if self.chunk_size is None or not chunks.is_stable(key):
             await self._store_object(self.object_key(key), spool, 0, length)
             return
         size = self.chunk_size
         keys = chunks.chunk_keys(key, size, chunks.chunk_count(length, size))
+        targets = [(i, self.object_key(chunk)) for i, chunk in enumerate(keys)]
+        if len(targets) > 1:
+            # git-annex's seekResume: keep the leading chunks already there.
+            while targets and await self.storage.present(targets[0][1]):
+                targets.pop(0)
+        todo = iter(targets)  # shared by the workers: each chunk is taken once
         created: list[Key] = []
-        resuming = len(keys) > 1  # git-annex's seekResume: keep leading chunks already there
-        try:
-            for i, chunk in enumerate(keys):
-                target = self.object_key(chunk)
-                if resuming and await self.storage.present(target):
-                    continue
-                resuming = False
+
+        async def worker() -> None:
+            for i, target in todo:
                 await self._store_object(target, spool, i * size, min(size, length - i * size))
                 created.append(target)
-        except BaseException:
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(STORE_JOBS, len(targets))):
+                    nursery.start_soon(worker)
+        except BaseException as exc:
             # Never leave a partial set behind; chunks stored earlier by others stay.
             with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
                 for target in created:
                     await self.storage.remove(target)
+            if isinstance(exc, BaseExceptionGroup):
+                raise _first_error(exc) from None
             raise
         await self._log_chunks(key, size, len(keys))
 

@@ -26,7 +26,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from p2pdriver import ShellSession, p2pstdio_argv, sha256e_key
 
 from git_remote_annexproxy import chunks
 from git_remote_annexproxy.annexlog import VectorClock
+from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.crypto import (
     MACS,
     Cipher,
@@ -46,6 +47,8 @@ from git_remote_annexproxy.crypto import (
     stored_cipher,
 )
 from git_remote_annexproxy.keys import Key
+from shell.specialremote import Encryption, SpecialRemote, Spool
+from shell.specialstore import ObjectMissing, SpecialStorage
 
 MiB = 1 << 20
 
@@ -171,6 +174,84 @@ def test_chunk_log_round_trip_and_layout_order() -> None:
     logged = [(4, 3), (8, 2)]
     assert chunks.layouts(key, None, logged) == [unchunked, small, big]
     assert chunks.layouts(key, 8, logged) == [small, big, unchunked]
+
+
+# --- the special remote over a storage that is not a local file (S3's shape) ----------------
+
+
+class MemoryStorage(SpecialStorage):
+    """Objects in a dict, handed out in small pieces and never as a local file: the path a
+    remote type like S3 takes (open_local is None, so gpg reads a spooled copy)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    async def store(self, key: Key, data: AsyncIterator[bytes]) -> None:
+        self.objects[str(key)] = b"".join([piece async for piece in data])
+
+    async def retrieve(self, key: Key) -> AsyncGenerator[bytes, None]:
+        if str(key) not in self.objects:
+            raise ObjectMissing(str(key))
+        data = self.objects[str(key)]
+        for i in range(0, len(data), 10_000):
+            yield data[i : i + 10_000]
+
+    async def present(self, key: Key) -> bool:
+        return str(key) in self.objects
+
+    async def remove(self, key: Key) -> None:
+        self.objects.pop(str(key), None)
+
+
+async def test_special_remote_over_a_non_local_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store, read from offsets, remove, through `SpecialRemote` on MemoryStorage; every
+    stored object decrypts with plain gpg and the cipher's passphrase to its chunk."""
+    gitdir = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(gitdir)], check=True, timeout=60)
+    annexdir = gitdir / "annex"
+    annexdir.mkdir()
+    gnupghome = tmp_path / "gnupg"
+    gnupghome.mkdir(mode=0o700)
+    monkeypatch.setenv("GNUPGHOME", str(gnupghome))
+    storage = MemoryStorage()
+    cipher = Cipher(base64.b64encode(os.urandom(512)) + b"\n", mac_only=False)
+    encryption = Encryption(cipher, "HMACSHA256", Gpg(), ())
+    uuid = "5ec1a100-0000-4000-8000-000000000001"
+    remote = SpecialRemote(uuid, storage, chunk_size=100_000, encryption=encryption,
+                           branch=AnnexBranch(gitdir, annexdir), annexdir=annexdir,
+                           timeout=60)  # fmt: skip
+    content = os.urandom(250_000)
+    key = Key.parse(sha256e_key(content, ".bin"))
+    try:
+        spool = Spool.create(annexdir)
+        spool.append(content)
+        await remote.store(key, spool)
+        spool.close()
+        assert len(storage.objects) == 3
+        assert await remote.present(key)
+        layout = await remote.locate(key)
+        for offset in (0, 99_999, 100_000, 249_999):
+            got = b"".join([piece async for piece in remote.read(layout, offset)])
+            assert got == content[offset:]
+        for n, chunk in enumerate(chunks.chunk_keys(key, 100_000, 3)):
+            stored = storage.objects[str(encryption.object_key(chunk))]
+            rfd, wfd = os.pipe()
+            os.write(wfd, (cipher.passphrase or b"") + b"\n")
+            os.close(wfd)
+            plain = subprocess.run(
+                ["gpg", "--batch", "--quiet", "--passphrase-fd", str(rfd), "--decrypt"],
+                input=stored, capture_output=True, pass_fds=(rfd,), check=True, timeout=60,
+            ).stdout  # fmt: skip
+            os.close(rfd)
+            assert plain == content[n * 100_000 : (n + 1) * 100_000]
+        await remote.remove(key)
+        assert not storage.objects and not await remote.present(key)
+        othertmp = annexdir / "othertmp"  # the branch code removes it when it is empty
+        assert not othertmp.exists() or os.listdir(othertmp) == []
+    finally:
+        stop_gpg_agent(gnupghome)
 
 
 # --- a local git-annex repository with special remotes (no proxy) ---------------------------
@@ -349,12 +430,15 @@ def test_gpg_command_lines_are_git_annex_ones(
 
 # --- the proxy: a server repository with four directory special remotes ---------------------
 
-# name: (encryption, chunk) -- shared and hybrid, two chunk sizes, and unchunked.
+# name: (encryption, chunk) -- shared and hybrid, two chunk sizes, and unchunked; and the
+# two schemes that encrypt content to public keys instead of with a passphrase.
 REMOTES = {
     "shchunk": ("shared", "1MiB"),
     "hychunk": ("hybrid", "256KiB"),
     "shflat": ("shared", None),
     "hyflat": ("hybrid", None),
+    "pkchunk": ("pubkey", "512KiB"),
+    "spkflat": ("sharedpubkey", None),
 }
 
 
@@ -430,7 +514,7 @@ def world(
         stores[name].mkdir(parents=True)
         args = ["git", "annex", "initremote", "-q", name, "type=directory",
                 f"directory={stores[name]}", f"encryption={encryption}"]  # fmt: skip
-        if encryption == "hybrid":
+        if encryption != "shared":
             args.append(f"keyid={keyid}")
         if chunk:
             args.append(f"chunk={chunk}")
@@ -557,9 +641,12 @@ def test_store_holds_no_plaintext_and_no_key_names(world: World) -> None:
             assert str(key) not in str(path) and key.name.split(".")[0] not in str(path)
             assert path.name.startswith("GPGHMACSHA1--"), path
             data = path.read_bytes()
-            # An OpenPGP symmetric-key session key packet (old or new format), as gpg
-            # writes for a passphrase (shared and hybrid both encrypt symmetrically).
-            assert data[:1] in (b"\x8c", b"\x8d", b"\x8e", b"\x8f", b"\xc3"), path
+            # The first OpenPGP packet (old or new format): a symmetric-key session key
+            # for a passphrase (shared, hybrid), a public-key one otherwise.
+            if REMOTES[name][0] in ("shared", "hybrid"):
+                assert data[:1] in (b"\x8c", b"\x8d", b"\x8e", b"\x8f", b"\xc3"), path
+            else:
+                assert data[:1] in (b"\x84", b"\x85", b"\x86", b"\x87", b"\xc1"), path
             assert not any(p in data for p in probes), f"plaintext in {path}"
             assert not any(n in data for n in names), f"key name in {path}"
             assert not any(p in data for p in passphrases), f"cipher in {path}"
@@ -647,18 +734,24 @@ def test_refusals_and_errors(world: World) -> None:
         assert p2p_get(s, key) == (content, "VALID")
         assert s.request(f"REMOVE {key}") == "SUCCESS"
         assert s.request(f"CHECKPRESENT {key}") == "FAILURE"
+        # p2p-protocol.md §9: no change notification from a special remote; the session
+        # goes on. (CONNECT, below, ends it.)
+        assert s.request("NOTIFYCHANGE") == "ERROR NOTIFYCHANGE unsupported for a special remote"
+        assert s.request(f"CHECKPRESENT {key}") == "FAILURE"
+        assert s.request("CONNECT git-upload-pack") == "CONNECTDONE 1"
         assert s.finish().code == 0
     assert store_files(store) == before
 
 
-def test_unreachable_store_is_reported(world: World) -> None:
+@pytest.mark.parametrize("name", ["shflat", "hychunk"])
+def test_unreachable_store_is_reported(world: World, name: str) -> None:
     content = b"unreachable\n"
     key = sha256e_key(content)
-    store = world.stores["shflat"]
-    moved = store.with_name("shflat-away")
+    store = world.stores[name]
+    moved = store.with_name(name + "-away")
     store.rename(moved)
     try:
-        with world.session("shflat") as s:
+        with world.session(name) as s:
             s.handshake()
             expected = f"ERROR proxied special remote reports: directory {store} is not accessible"
             for request in (f"CHECKPRESENT {key}", f"REMOVE {key}"):
