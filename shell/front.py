@@ -18,7 +18,7 @@ from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
 from shell import restrict
-from shell.p2pserver import SessionEnd, warn
+from shell.p2pserver import ClientFacing, SessionEnd, warn
 from shell.repo import Repo
 
 # How long one node may take to answer one request (or to move data at all) before only
@@ -41,7 +41,7 @@ def annex_jobs(repo: Repo) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-class FrontSession:
+class FrontSession(ClientFacing):
     """The client-facing half of a proxying session."""
 
     def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str, served: str) -> None:
@@ -59,24 +59,6 @@ class FrontSession:
     @property
     def v(self) -> int:
         return self.version or 0
-
-    async def send(self, *messages: p2p.Message) -> None:
-        await self.channel.send(*messages)
-
-    async def event(self) -> p2p.Event:
-        event = await self.channel.next_event()
-        if isinstance(event, p2p.ConnectionClosed):
-            raise SessionEnd(0)
-        return event
-
-    async def refuse_write(self, removal: bool) -> bool:
-        if self.mode == restrict.Mode.READONLY:
-            await self.send(p2p.Error(restrict.READONLY_DENIED))
-            return True
-        if removal and self.mode == restrict.Mode.APPENDONLY:
-            await self.send(p2p.Error(restrict.APPENDONLY_DENIED))
-            return True
-        return False
 
     async def protocol_error(self) -> None:
         """A message a proxy cannot relay: git-annex answers this and gives up."""

@@ -86,21 +86,12 @@ def monotonic_seconds() -> int:
     return int(time.monotonic())
 
 
-class PlainSession:
-    """Serves one client against this repository's own annex."""
+class ClientFacing:
+    """What every p2pstdio session does towards its client, plain or proxying: send, read
+    the next message (EOF ends the session), and refuse writes the restrictions forbid."""
 
-    def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str) -> None:
-        assert repo.uuid is not None
-        self.repo = repo
-        self.uuid: str = repo.uuid
-        self.channel = channel
-        self.client_uuid = client_uuid
-        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
-        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
-        self.mode = restrict.server_mode()
-        self.version = 0
-
-    # -- helpers -----------------------------------------------------------------------
+    channel: P2PChannel
+    mode: int
 
     async def send(self, *messages: p2p.Message) -> None:
         await self.channel.send(*messages)
@@ -120,6 +111,21 @@ class PlainSession:
             await self.send(p2p.Error(restrict.APPENDONLY_DENIED))
             return True
         return False
+
+
+class PlainSession(ClientFacing):
+    """Serves one client against this repository's own annex."""
+
+    def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str) -> None:
+        assert repo.uuid is not None
+        self.repo = repo
+        self.uuid: str = repo.uuid
+        self.channel = channel
+        self.client_uuid = client_uuid
+        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
+        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
+        self.mode = restrict.server_mode()
+        self.version = 0
 
     # -- the loop ----------------------------------------------------------------------
 
