@@ -84,8 +84,14 @@ class GatewaySession(FrontSession):
             return None
         return link
 
-    async def call(self, node: Remote, fn: Callable[[NodeLink], Awaitable[T]]) -> T | None:
-        """Run one bounded request on one node; None if the node failed."""
+    async def call(
+        self,
+        node: Remote,
+        fn: Callable[[NodeLink], Awaitable[T]],
+        refusal: list[str] | None = None,
+    ) -> T | None:
+        """Run one bounded request on one node; None if the node failed. A node's ERROR
+        text is appended to `refusal` when given (REMOVE relays the first one)."""
         link = await self.link(node)
         if link is None:
             return None
@@ -94,6 +100,8 @@ class GatewaySession(FrontSession):
                 return await fn(link)
         except NodeRefused as exc:
             warn(f"  {exc}")
+            if refusal is not None:
+                refusal.append(exc.text)
             return None
         except (NodeError, trio.TooSlowError) as exc:
             warn(f"  cluster node {node.name} failed: {exc}")
@@ -230,17 +238,18 @@ class GatewaySession(FrontSession):
 
     async def remove(self, key: Key, before: int | None) -> None:
         nodes = self.nodes()
-        errors: list[str] = []
+        # Per node, in node order: the ERROR text it answered, if any. A node that is down
+        # or timed out counts as "removed nothing", not as an error (spec §10).
+        errors: list[list[str]] = [[] for _ in nodes]
 
-        async def one(node: Remote) -> rules.NodeReply:
+        async def one(i: int, node: Remote) -> rules.NodeReply:
             deadline = before
             if before is not None and self.clocks is not None and node.name in self.clocks:
                 deadline = rules.translate_deadline(
                     before, self.gateway_clock, self.clocks[node.name]
                 )
-            outcome = await self.call(node, lambda link: link.remove(key, deadline))
+            outcome = await self.call(node, lambda link: link.remove(key, deadline), errors[i])
             if outcome is None:
-                errors.append(f"cluster node {node.name} failed")
                 return rules.NodeReply(node.uuid, ok=False)
             return rules.NodeReply(node.uuid, outcome.ok, outcome.plus, plus_only=not outcome.ok)
 
@@ -248,7 +257,7 @@ class GatewaySession(FrontSession):
 
         async def slot(i: int, node: Remote) -> None:
             async with self.jobs:
-                replies[i] = await one(node)
+                replies[i] = await one(i, node)
 
         async with trio.open_nursery() as nursery:
             for i, node in enumerate(nodes):
@@ -258,9 +267,8 @@ class GatewaySession(FrontSession):
                 self.log_present(key, [r.uuid, *r.plus], present=False)
             elif r.plus_only:
                 self.log_present(key, r.plus, present=False)
-        await self.send(
-            rules.remove_reply(replies, self.v, self.served, errors[0] if errors else None)
-        )
+        first_error = next((e[0] for e in errors if e), None)
+        await self.send(rules.remove_reply(replies, self.v, self.served, first_error))
 
     async def put(self, af: str | None, key: Key) -> None:
         logged = self.placement.locations(key)
