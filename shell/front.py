@@ -8,17 +8,14 @@ proxy's own git-annex branch, and end the same way; that is here, once.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
-
-import trio
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.annexlog import is_cluster_uuid
 from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
-from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+from git_remote_annexproxy.p2pchannel import P2PChannel
 from shell import restrict
-from shell.p2pserver import ClientFacing, SessionEnd, warn
+from shell.p2pserver import ClientFacing, SessionEnd
 from shell.repo import Repo
 
 # How long one node may take to answer one request (or to move data at all) before only
@@ -98,30 +95,3 @@ class FrontSession(ClientFacing):
             return False
         await self.send(p2p.Error("expected VALID or INVALID"))
         raise SessionEnd(1, "client sent no VALID or INVALID after DATA")
-
-
-async def run_front(session: FrontSession, run: Callable[[], Awaitable[None]]) -> int:
-    """Run a proxying session to its end; commit the branch however it ended."""
-    code = 0
-    try:
-        await run()
-    except SessionEnd as end:
-        code = end.code
-        if end.message:
-            warn(f"git-annex-shell: {end.message}")
-    except p2p.RemoteProtocolError:
-        warn("git-annex-shell: protocol error")
-        code = 1
-    except ChannelTimeout as exc:
-        warn(f"git-annex-shell: {exc}")
-        code = 1
-    except (trio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
-        code = 1
-    finally:
-        try:
-            session.branch.commit()
-        except Exception as exc:  # the exit path must not be lost over it
-            warn(f"git-annex-shell: could not commit the git-annex branch: {exc}")
-            code = 1
-        await session.channel.aclose()
-    return code

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, suppress
 from typing import BinaryIO
 
@@ -92,6 +92,7 @@ class ClientFacing:
 
     channel: P2PChannel
     mode: int
+    branch: AnnexBranch
 
     async def send(self, *messages: p2p.Message) -> None:
         await self.channel.send(*messages)
@@ -386,12 +387,15 @@ def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:
         yield piece
 
 
-async def _serve(repo: Repo, client_uuid: str) -> int:
-    channel = stdio_channel(idle_timeout=idle_timeout(repo))
-    session = PlainSession(repo, channel, client_uuid)
+async def run_session(session: ClientFacing, run: Callable[[], Awaitable[None]]) -> int:
+    """Run a p2pstdio session (plain or proxying) to its end and give the exit status.
+
+    Every way it can end becomes one line on stderr; the journal is committed however the
+    session ended (spec §5).
+    """
     code = 0
     try:
-        await session.run()
+        await run()
     except SessionEnd as end:
         code = end.code
         if end.message:
@@ -409,14 +413,18 @@ async def _serve(repo: Repo, client_uuid: str) -> int:
         warn(f"git-annex-shell: {exc}")
         code = 1
     finally:
-        # The journal is committed however the session ended (spec §5).
         try:
             session.branch.commit()
-        except Exception as exc:
+        except Exception as exc:  # the exit path must not be lost over it
             warn(f"git-annex-shell: could not commit the git-annex branch: {exc}")
             code = 1
-        await channel.aclose()
+        await session.channel.aclose()
     return code
+
+
+async def _serve(repo: Repo, client_uuid: str) -> int:
+    session = PlainSession(repo, stdio_channel(idle_timeout=idle_timeout(repo)), client_uuid)
+    return await run_session(session, session.run)
 
 
 def serve(repo: Repo, client_uuid: str) -> int:

@@ -14,9 +14,9 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel, restore_stdio, stdio_channel
 from shell import gitconnect
-from shell.front import FrontSession, run_front
+from shell.front import FrontSession
 from shell.nodelink import AlreadyHave, NodeError, NodeRefused, Outcome, Upload, make_link
-from shell.p2pserver import SessionEnd
+from shell.p2pserver import SessionEnd, idle_timeout, run_session
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
 
@@ -175,18 +175,18 @@ class ProxySession(FrontSession):
 
 
 async def _serve(repo: Repo, target: Target, client_uuid: str) -> int:
-    channel = stdio_channel()
+    channel = stdio_channel(idle_timeout=idle_timeout(repo))
     if target.cluster is not None:
         from shell.cluster import GatewaySession  # noqa: PLC0415
 
         gateway = GatewaySession(repo, channel, client_uuid, target)
         try:
-            return await run_front(gateway, gateway.run)
+            return await run_session(gateway, gateway.run)
         finally:
             await gateway.close_links()
     session = ProxySession(repo, channel, client_uuid, target.nodes[0])
     try:
-        return await run_front(session, session.run)
+        return await run_session(session, session.run)
     finally:
         with trio.CancelScope(shield=True):
             await session.link.aclose()

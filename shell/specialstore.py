@@ -81,8 +81,9 @@ class DirectoryStorage(SpecialStorage):
 
     def _dirs(self, key: Key) -> list[str]:
         kf = key.keyfile()
-        return [os.path.join(self.directory, h, kf) for h in (key.hashdir_lower(),
-                                                              key.hashdir_mixed())]
+        return [
+            os.path.join(self.directory, h, kf) for h in (key.hashdir_lower(), key.hashdir_mixed())
+        ]
 
     def _find(self, key: Key) -> str | None:
         kf = key.keyfile()
