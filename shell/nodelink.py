@@ -181,6 +181,17 @@ def ssh_argv(remote: Remote, words: list[str]) -> list[str]:
     return [*argv, "-T", command]
 
 
+async def spawn_node(remote: Remote, argv: list[str]) -> trio.Process:
+    """Start a node's server process (`p2pstdio` or `noderpc`, local or over ssh) with pipes
+    on stdin and stdout; stderr stays ours, so the node's own messages reach the client."""
+    try:
+        return await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()
+        )
+    except OSError as exc:
+        raise NodeError(f"{remote.name}: cannot start {argv[0]}: {exc}") from None
+
+
 def p2pstdio_argv(remote: Remote, proxy_uuid: str) -> list[str]:
     if remote.is_local:
         path = local_path(remote.url)
@@ -247,14 +258,13 @@ class P2PLink(NodeLink):
     # -- the interface -----------------------------------------------------------------
 
     async def open(self, version: int | None, bypass: frozenset[str] = frozenset()) -> None:
-        argv = p2pstdio_argv(self.remote, self.proxy_uuid)
         try:
-            self.process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()
+            self.process = await spawn_node(
+                self.remote, p2pstdio_argv(self.remote, self.proxy_uuid)
             )
-        except OSError as exc:
+        except NodeError:
             self.dead = True
-            raise NodeError(f"{self.remote.name}: cannot start {argv[0]}: {exc}") from None
+            raise
         assert self.process.stdin is not None and self.process.stdout is not None
         await self.attach(self.process.stdout, self.process.stdin, version, bypass)
 

@@ -26,7 +26,6 @@ How it works:
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -53,8 +52,8 @@ from shell.nodelink import (
     NodeRefused,
     Outcome,
     Upload,
-    child_env,
     parse_ssh_url,
+    spawn_node,
     ssh_argv,
 )
 from shell.p2pserver import warn
@@ -191,14 +190,11 @@ class RpcLink(NodeLink):
 
     async def open(self, version: int | None, bypass: frozenset[str] = frozenset()) -> None:
         # `bypass` names gateways to avoid; a node worker serves one repository, no cluster.
-        argv = self.argv()
         try:
-            self.process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()
-            )
-        except OSError as exc:
+            self.process = await spawn_node(self.remote, self.argv())
+        except NodeError:
             self.dead = True
-            raise NodeError(f"{self.remote.name}: cannot start {argv[0]}: {exc}") from None
+            raise
         assert self.process.stdin is not None and self.process.stdout is not None
         await self.attach(self.process.stdout, self.process.stdin, version)
 
