@@ -34,6 +34,7 @@ from fractions import Fraction
 
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.preferred_values import Glob, read_int, read_size, split_words
+from git_remote_annexproxy.reposize import RepoSizes, balanced_pick, emptiest, with_space
 
 __all__ = [
     "STANDARD_GROUPS",
@@ -89,7 +90,8 @@ class MatchContext:
     path globs see, relative to the repository top (None: no associated file). ``size``
     overrides ``key.size``. ``groups`` maps a UUID to its groups, ``groupwanted`` a group to
     its expression, ``preferreddir`` is the repository's remote config (``inpreferreddir``),
-    ``equivalent_keys`` the recorded equivalents of a VURL key (``securehash``).
+    ``equivalent_keys`` the recorded equivalents of a VURL key (``securehash``), ``sizes``
+    the repositories' sizes and maxsizes (the ``balanced`` family; unknown means not full).
     """
 
     key: Key
@@ -103,6 +105,7 @@ class MatchContext:
     groupwanted: Mapping[str, str] = field(default_factory=dict)
     preferreddir: str = "public"
     equivalent_keys: tuple[Key, ...] = ()
+    sizes: RepoSizes = field(default_factory=RepoSizes)
 
     def trust_of(self, u: str) -> TrustLevel:
         return self.trust.get(u, TrustLevel.SEMITRUSTED)
@@ -166,6 +169,11 @@ class Expr:
 
     def leaves(self) -> Iterator[Leaf]:
         return iter(())
+
+    def needs_sizes(self) -> bool:
+        """Does evaluating it need ``MatchContext.sizes`` (a balanced term)? A caller can
+        skip computing repository sizes when not."""
+        return any(t.uses_sizes() for t in self.leaves())
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,9 @@ class Leaf(Expr):
     def unstable(self) -> bool:
         return False
 
+    def uses_sizes(self) -> bool:
+        return False
+
     def negated_leaves(self, negated: bool) -> Iterator[Leaf]:
         if negated:
             yield self
@@ -279,12 +290,16 @@ class Term(Leaf):
     text: str
     test: Callable[[MatchContext], bool] = field(compare=False, repr=False)
     is_unstable: bool = field(default=False, compare=False, repr=False)
+    sized: bool = field(default=False, compare=False, repr=False)
 
     def evaluate(self, ctx: MatchContext) -> bool:
         return self.test(ctx)
 
     def unstable(self) -> bool:
         return self.is_unstable
+
+    def uses_sizes(self) -> bool:
+        return self.sized
 
 
 @dataclass(frozen=True)
@@ -306,6 +321,9 @@ class Call(Leaf):
     def unstable(self) -> bool:
         # git-annex flags the whole call when any term inside is unstable, negated or not.
         return self.body is not None and any(t.unstable() for t in self.body.leaves())
+
+    def uses_sizes(self) -> bool:
+        return self.body is not None and self.body.needs_sizes()
 
     def bind(self, groups: AbstractSet[str], gw: Mapping[str, str], std: bool, grp: bool) -> Expr:
         body: Expr = PRESENT
@@ -469,12 +487,75 @@ def _present(ctx: MatchContext) -> bool:
     return ctx.this_uuid is not None and ctx.this_uuid in ctx.locations()
 
 
-def _balanced_value(term: str, value: str) -> None:
+# --- the balanced family (Limit.hs limitBalanced and friends, checked against the binary) ---
+
+
+def _group_copies(ctx: MatchContext, group: str) -> tuple[int, int]:
+    """(copies that count toward numcopies, those of them in ``group``): live, not
+    untrusted, not a cluster, as lackingcopies counts."""
+    have = {
+        u
+        for u in ctx.locations()
+        if ctx.trust_of(u) != TrustLevel.UNTRUSTED and not is_cluster_uuid(u)
+    }
+    return len(have), sum(1 for u in have if group in ctx.groups.get(u, ()))
+
+
+def _how_many(ctx: MatchContext, group: str, number: int | None) -> int:
+    """How many repositories of the group should have the key. ``group:lackingcopies``
+    (number None): as many as numcopies still needs plus the group's own counted copies,
+    i.e. numcopies minus the counted copies outside the group."""
+    if number is not None:
+        return number
+    have, in_group = _group_copies(ctx, group)
+    return ctx.numcopies - have + in_group
+
+
+def _fully(group: str, number: int | None, by_size: bool) -> Callable[[MatchContext], bool]:
+    def test(ctx: MatchContext) -> bool:
+        if ctx.this_uuid is None:
+            return False
+        n = _how_many(ctx, group, number)
+        members = ctx.members(group)
+        locs = ctx.present_uuids  # loggedLocations: dead holders included, as git-annex
+        if by_size:
+            candidates = emptiest(ctx.sizes, members, ctx.key, locs, n)
+        else:
+            candidates = with_space(ctx.sizes, members, ctx.key, locs)
+        return ctx.this_uuid in balanced_pick(members, candidates, ctx.key, n)
+
+    return test
+
+
+def _balanced(group: str, number: int | None, by_size: bool) -> Callable[[MatchContext], bool]:
+    """present, or the group lacks copies and the picker chooses this repository (the
+    gateway never rebalances, so that is all of limitBalanced)."""
+    fully = _fully(group, number, by_size)
+    copies = _copies_test(f"{group}:{number}") if number is not None else None
+
+    def lacking(ctx: MatchContext) -> bool:
+        if copies is not None:
+            return not copies(ctx)
+        have, _ = _group_copies(ctx, group)
+        return ctx.numcopies - have > 0
+
+    return lambda ctx: _present(ctx) or (lacking(ctx) and fully(ctx))
+
+
+def _balanced_term(token: str, name: str, value: str) -> Term:
     parts = value.split(":")
     if len(parts) > 2:
-        raise PreferredContentError(f"bad value for {term}")
-    if len(parts) == 2 and parts[1] != "lackingcopies" and read_int(parts[1]) is None:
-        raise PreferredContentError(f"bad number for {term}")
+        raise PreferredContentError(f"bad value for {name}")
+    number: int | None = 1
+    if len(parts) == 2:
+        number = None if parts[1] == "lackingcopies" else read_int(parts[1])
+        if number is None and parts[1] != "lackingcopies":
+            raise PreferredContentError(f"bad number for {name}")
+    by_size = "size" in name
+    if name.startswith("fully"):
+        return Term(token, _fully(parts[0], number, by_size), sized=True)
+    # Both contain present, so negating them is unstable as "not present" is.
+    return Term(token, _balanced(parts[0], number, by_size), is_unstable=True, sized=True)
 
 
 _SIMPLE: dict[str, Callable[[MatchContext], bool] | None] = {
@@ -499,10 +580,6 @@ _VALUE: dict[str, Callable[[str], Callable[[MatchContext], bool]] | None] = {
     "onlyingroup": lambda v: lambda ctx: _onlyingroup(ctx, v),
     "metadata": None,  # needs the metadata log
     "url": None,  # needs the web log
-    "balanced": None,  # the balanced family needs repository sizes
-    "fullybalanced": None,
-    "sizebalanced": None,
-    "fullysizebalanced": None,
 }
 
 
@@ -559,12 +636,12 @@ def _term(token: str) -> Expr:
             raise UnsupportedTermError(f"unknown preferred-content term {token}")
         return Term(token, test, is_unstable=test is _present)
     name, _, value = token.partition("=")
+    if name in ("balanced", "fullybalanced", "sizebalanced", "fullysizebalanced"):
+        return _balanced_term(token, name, value)
     if name not in _VALUE:
         raise PreferredContentError(f"near {_hs_show(token)}")
     make = _VALUE[name]
     if make is None:
-        if name.endswith("balanced"):
-            _balanced_value(name, value)
         raise UnsupportedTermError(f"unknown preferred-content term {token}")
     return Term(token, make(value))
 
@@ -829,9 +906,11 @@ class RepoPolicy:
         trust: Mapping[str, TrustLevel] | None = None,
         numcopies: int = 1,
         preferreddir: str = "public",
+        sizes: RepoSizes | None = None,
     ) -> MatchContext:
         """A MatchContext asking about ``uuid``, with this policy's groups."""
         return MatchContext(
+            sizes=sizes or RepoSizes(),
             key=key,
             file=file,
             this_uuid=uuid,

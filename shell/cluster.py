@@ -271,10 +271,9 @@ class GatewaySession(FrontSession):
         await self.send(rules.remove_reply(replies, self.v, self.served, first_error))
 
     async def put(self, af: str | None, key: Key) -> None:
-        logged = self.placement.locations(key)
-        targets = rules.put_targets(
-            self.nodes(), lambda n: n.uuid, logged, lambda n: self.placement.wants(n.uuid, key, af)
-        )
+        # Sizes are read afresh here: a store or removal this session (or a concurrent
+        # one) logged in the journal already counts, as git-annex's live update does.
+        targets = self.placement.targets(self.nodes(), lambda n: n.uuid, key, af)
         answers = await self.fan_out(targets, lambda link: link.put(af, key))
         uploads: list[tuple[Remote, Upload]] = []
         had: list[rules.NodeReply] = []

@@ -336,7 +336,7 @@ CASES: list[Case] = [
 ]
 
 # Terms git-annex accepts that we refuse to guess.
-UNSUPPORTED = ["unused", "metadata=author=joey", "url=*", "balanced=client", "fullybalanced=x:2"]
+UNSUPPORTED = ["unused", "metadata=author=joey", "url=*"]
 
 
 @pytest.mark.parametrize(("expr", "file", "size", "key", "expected"), CASES)
