@@ -21,8 +21,10 @@ from pathlib import Path
 
 from git_remote_annexproxy.annexlog import parse_uuid_log
 from git_remote_annexproxy.branch import AnnexBranch
+from git_remote_annexproxy.gitconfig import read_repo_config
 from git_remote_annexproxy.keys import BadKey, Key
 from shell.placement import Placement
+from shell.proxyselect import configured_remotes
 
 
 def read_keys(path: Path) -> list[Key]:
@@ -70,12 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     placement = Placement.load(branch)
     cluster, nodes = pick_cluster(placement, args.cluster)
     names = parse_uuid_log(branch.read("uuid.log") or b"")
+    # The gateway asks its nodes in the order of its remote names (Placement.targets).
+    remotes = {r.uuid: r.name for r in configured_remotes(read_repo_config(gitdir))}
+
+    def remote_name(u: str) -> str:
+        return remotes.get(u, u)
+
     tracker = placement.tracker
     assert tracker is not None
     files = dict.fromkeys(nodes, 0)
     added = dict.fromkeys(nodes, 0)
     for key in read_keys(args.sizes):
-        targets = placement.targets(nodes, lambda u: u, key, None)
+        targets = placement.targets(nodes, lambda u: u, key, None, name_of=remote_name)
         placement.pretend_stored(key, targets)
         for u in targets:
             files[u] += 1

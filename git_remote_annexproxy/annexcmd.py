@@ -2,12 +2,15 @@
 
     git annexproxy info [REMOTE] [--json]
     git annexproxy get [--from NAME] [-J N] [--json] [-q] [PATH...]
+    git annexproxy add [--json] [-q] PATH...
+    git annexproxy copy --to NAME [-J N] [--json] [-q] [PATH...]
 
 `info` lists, per remote with a fetched git-annex branch, the remote's own repository and
 the ones it proxies (nodes, clusters, special remotes; `discovery.py`). `get` finds the
 annexed files under PATH whose content is missing (`worktree.py`), downloads each key once
 through the proxy (`annexget.py`), puts it in the object store so the symlinks resolve, and
-fills in unlocked files.
+fills in unlocked files. `add` annexes files as git-annex does (`annexadd.py`); `copy`
+uploads their content through the proxy to NAME (`annexcopy.py`).
 
 Output: stdout carries results (a table, `get FILE (from NAME) ok` lines, or with --json one
 JSON object per line); stderr carries progress (only on a terminal), one line per failure,
@@ -22,28 +25,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from git_remote_annexproxy.gitconfig import GitConfig
+from git_remote_annexproxy import clientrepo
+from git_remote_annexproxy.clientrepo import Clone, Fatal, find_clone, int_config
 from git_remote_annexproxy.gitenv import without_local_repo
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.report import Progress, Report
 from git_remote_annexproxy.store import AnnexStore
 from git_remote_annexproxy.worktree import AnnexedFile, Populated, annexed_files, populate, restage
 
 if TYPE_CHECKING:
     from git_remote_annexproxy.annexget import Fetched
-    from git_remote_annexproxy.discovery import BranchLogs, RemoteView, Repository
-
-
-class Fatal(Exception):
-    """A one-line usage or setup error: `fatal: <message>`, exit 1."""
+    from git_remote_annexproxy.discovery import RemoteView, Repository
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("-J", "--jobs", type=int, default=1, metavar="N", help="parallel downloads")
     get.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     get.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    add = sub.add_parser("add", help="annex files as git-annex does (SHA256E, symlinks)")
+    add.add_argument("paths", nargs="+", metavar="PATH", help="files or directories")
+    add.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    add.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    copy = sub.add_parser("copy", help="upload the content of annexed files through the proxy")
+    copy.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default .)")
+    copy.add_argument(
+        "--to",
+        dest="target",
+        required=True,
+        metavar="NAME",
+        help="the proxy, a cluster, a node or a special remote behind it",
+    )
+    copy.add_argument("-J", "--jobs", type=int, default=1, metavar="N", help="parallel uploads")
+    copy.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    copy.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     return p
 
 
@@ -75,102 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "add":
+            from git_remote_annexproxy.annexadd import cmd_add  # noqa: PLC0415
+
+            return cmd_add(args)
+        if args.command == "copy":
+            from git_remote_annexproxy.annexcopy import cmd_copy  # noqa: PLC0415
+
+            return cmd_copy(args)
         return cmd_get(args)
     except Fatal as exc:
         sys.stderr.write(f"fatal: {exc}\n")
         return 1
     except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted (partial downloads are kept and resumed next time)\n")
+        sys.stderr.write("\ninterrupted (partial transfers are kept and resumed next time)\n")
         return 130
-
-
-# --- the clone we run in ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Clone:
-    gitdir: Path  # this work tree's: its index
-    commondir: Path  # shared by linked work trees: refs, config, the annex (as git-annex)
-    top: Path | None  # None for a bare repository
-    prefix: str  # cwd relative to top, "" or ending in "/"
-    config: GitConfig
-
-
-def find_clone() -> Clone:
-    """The repository around the current directory, found as git finds it."""
-
-    def rev_parse(*what: str) -> list[str] | None:
-        proc = subprocess.run(
-            ["git", "rev-parse", *what], capture_output=True, text=True, check=False, timeout=30
-        )
-        return proc.stdout.split("\n") if proc.returncode == 0 else None
-
-    found = rev_parse("--absolute-git-dir", "--git-common-dir", "--is-inside-work-tree")
-    if found is None:
-        raise Fatal("not a git repository (or any of the parent directories)")
-    gitdir = Path(found[0])
-    commondir = Path.cwd() / found[1]  # relative to the current directory, or absolute
-    top: Path | None = None
-    prefix = ""
-    if found[2] == "true":
-        inside = rev_parse("--show-toplevel", "--show-prefix")
-        if inside is not None:
-            top, prefix = Path(inside[0]), inside[1]
-    return Clone(gitdir, commondir, top, prefix, _git_config())
-
-
-def _git_config() -> GitConfig:
-    """Every setting git would apply here, `git -c` ones and includes too: git reads it.
-
-    (The server reads config files itself to start fast; a client command can afford git.)
-    """
-    proc = subprocess.run(
-        ["git", "config", "--list", "-z"], capture_output=True, check=False, timeout=30
-    )
-    if proc.returncode != 0:
-        said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise Fatal(said[-1].removeprefix("fatal: ") if said else "cannot read git config")
-    pairs = []
-    for item in proc.stdout.split(b"\0"):
-        if item:
-            key, newline, value = item.decode("utf-8", "surrogateescape").partition("\n")
-            pairs.append((key, value if newline else "true"))
-    return GitConfig(pairs)
-
-
-def _scope(clone: Clone, path: str) -> str:
-    """A PATH argument as a path relative to the top of the work tree ("" = the top)."""
-    assert clone.top is not None
-    full = os.path.normpath(os.path.join(clone.top, clone.prefix, path))
-    rel = os.path.relpath(full, clone.top)
-    if rel == os.curdir:
-        return ""
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        raise Fatal(f"{path}: outside repository at '{clone.top}'")
-    return rel.replace(os.sep, "/")
-
-
-def _views(clone: Clone, logs: BranchLogs, only: str | None) -> tuple[list[RemoteView], list[str]]:
-    """The remotes to use and what is behind each; plus one error line per unusable one."""
-    from git_remote_annexproxy import discovery  # noqa: PLC0415
-
-    names = discovery.annex_remotes(clone.config, logs.refs)
-    if only is not None:
-        if not clone.config.get(f"remote.{only}.url"):
-            raise Fatal(f"'{only}' does not appear to be a git remote")
-        if only not in names:
-            raise Fatal(f"no git-annex branch fetched from {only} (git fetch {only} git-annex)")
-        names = [only]
-    views, errors = [], []
-    for name in names:
-        try:
-            url = discovery.remote_url(clone.config, name)
-            uuid = discovery.remote_uuid(clone.commondir, clone.config, name, url)
-        except discovery.DiscoveryError as exc:
-            errors.append(str(exc))
-            continue
-        views.append(discovery.discover(logs, name, url, uuid))
-    return views, errors
 
 
 # --- info -----------------------------------------------------------------------------------
@@ -181,7 +114,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     clone = find_clone()
     logs = BranchLogs(clone.commondir)
-    views, errors = _views(clone, logs, args.remote)
+    views, errors = clientrepo.views(clone, logs, args.remote)
     if not views and not errors:
         raise Fatal("no remote with a git-annex branch (git fetch <remote> git-annex)")
     repos = [r for v in views for r in v.repositories]
@@ -219,117 +152,6 @@ def _print_table(views: Sequence[RemoteView]) -> None:
 # --- get ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Report:
-    """Per-file results on stdout, failures on stderr, the counts for the summary."""
-
-    json: bool
-    quiet: bool
-    progress: _Progress
-    files: int = 0
-    bytes: int = 0
-    failed: int = 0
-
-    def ok(self, path: str, key: Key, source: str | None, nbytes: int, uuid: str | None) -> None:
-        self.files += 1
-        if self.json:
-            self._json(path, key, success=True, source=source, uuid=uuid, nbytes=nbytes)
-        elif not self.quiet:
-            via = f" (from {source})" if source else ""
-            self.progress.write(sys.stdout, f"get {path}{via} ok")
-
-    def fail(self, path: str, key: Key | None, why: str) -> None:
-        self.failed += 1
-        if self.json:
-            self._json(path, key, success=False, error=why)
-        self.progress.write(sys.stderr, f"get {path}: {why}")
-
-    @staticmethod
-    def _json(
-        path: str,
-        key: Key | None,
-        *,
-        success: bool,
-        source: str | None = None,
-        uuid: str | None = None,
-        nbytes: int = 0,
-        error: str | None = None,
-    ) -> None:
-        record = {
-            "command": "get",
-            "file": path,
-            "key": None if key is None else str(key),
-            "success": success,
-            "from": source,
-            "uuid": uuid,
-            "bytes": nbytes,
-            "error": error,
-        }
-        print(json.dumps(record), flush=True)
-
-    def summary(self) -> None:
-        self.progress.clear()
-        sys.stderr.write(f"get: {self.files} files, {self.bytes} bytes, {self.failed} failed\n")
-
-
-@dataclass
-class _Progress:
-    """One status line on stderr, redrawn at most ten times a second; off unless stderr is
-    a terminal. Lines for stdout or stderr go through `write` so they never get mixed."""
-
-    enabled: bool
-    total_files: int = 0
-    total_bytes: int = 0
-    done_files: int = 0
-    done_bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _drawn: float = 0.0
-    _width: int = 0
-
-    def add(self, n: int) -> None:
-        self.done_bytes += n
-        self._draw()
-
-    def file_done(self) -> None:
-        self.done_files += 1
-        self._draw(force=True)
-
-    def write(self, stream: IO[str], line: str) -> None:
-        self.clear()
-        stream.write(line + "\n")
-        stream.flush()
-        self._draw(force=True)
-
-    def clear(self) -> None:
-        if self._width:
-            sys.stderr.write("\r" + " " * self._width + "\r")
-            sys.stderr.flush()
-            self._width = 0
-
-    def _draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._drawn < 0.1):
-            return
-        self._drawn = now
-        rate = self.done_bytes / max(now - self.started, 1e-3)
-        total = f"/{_size(self.total_bytes)}" if self.total_bytes else ""
-        line = (
-            f"get: {self.done_files}/{self.total_files} files, "
-            f"{_size(self.done_bytes)}{total}, {_size(rate)}/s"
-        )
-        sys.stderr.write("\r" + line.ljust(self._width))
-        sys.stderr.flush()
-        self._width = max(self._width, len(line))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def cmd_get(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise Fatal("-J needs a number of jobs of at least 1")
@@ -337,9 +159,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     if clone.top is None:
         raise Fatal("get needs a work tree")
     top = clone.top
-    scopes = [_scope(clone, p) for p in args.paths or ["."]]
-    progress = _Progress(enabled=sys.stderr.isatty() and not args.json and not args.quiet)
-    report = _Report(args.json, args.quiet, progress)
+    scopes = [clientrepo.scope(clone, p) for p in args.paths or ["."]]
+    progress = Progress(enabled=sys.stderr.isatty() and not args.json and not args.quiet)
+    report = Report(args.json, args.quiet, progress)
     store = AnnexStore(clone.commondir, bare=False)
 
     matched: set[str] = set()
@@ -372,7 +194,7 @@ def _fetch_all(
     args: argparse.Namespace,
     store: AnnexStore,
     wanted: dict[Key, list[AnnexedFile]],
-    report: _Report,
+    report: Report,
 ) -> list[Populated]:
     """Download every wanted key; returns the unlocked files filled in."""
     import trio  # noqa: PLC0415 (only a run with something to download needs it)
@@ -381,7 +203,7 @@ def _fetch_all(
 
     assert clone.top is not None
     logs = discovery.BranchLogs(clone.commondir)
-    views, errors = _views(clone, logs, None)
+    views, errors = clientrepo.views(clone, logs, None)
     for e in errors:
         report.progress.write(sys.stderr, f"warning: {e}")
     source: Repository | None = None
@@ -391,7 +213,7 @@ def _fetch_all(
             raise Fatal(f"no repository named {args.source} (see git annexproxy info)")
     client = discovery.client_uuid(clone.commondir, clone.config)
     dead = logs.dead()
-    forward_retry = _int_config(clone.config, "annex.forward-retry", annexget.DEFAULT_FORWARD_RETRY)
+    forward_retry = int_config(clone.config, "annex.forward-retry", annexget.DEFAULT_FORWARD_RETRY)
     report.progress.total_files = sum(len(fs) for fs in wanted.values())
     report.progress.total_bytes = sum((k.size or 0) * len(fs) for k, fs in wanted.items())
     report.progress.started = time.monotonic()
@@ -452,7 +274,7 @@ def _fill_in(
     top: Path,
     f: AnnexedFile,
     obj: Path,
-    report: _Report,
+    report: Report,
     populated: list[Populated],
     *,
     source: Repository | None = None,
@@ -470,16 +292,6 @@ def _fill_in(
         populated.append(done)
     name, uuid = (source.name, source.uuid) if source else (None, None)
     report.ok(f.path, f.key, name, nbytes, uuid)
-
-
-def _int_config(config: GitConfig, key: str, default: int) -> int:
-    value = config.get(key)
-    if value is None:
-        return default
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise Fatal(f"bad numeric config value {value!r} for {key}") from None
 
 
 if __name__ == "__main__":

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import trio
 
-from git_remote_annexproxy import annexlog, urls
+from git_remote_annexproxy import annexlog, objectclient, urls
 from git_remote_annexproxy.branch import AnnexBranch, current_clock
+from git_remote_annexproxy.crypto import GpgError
 from git_remote_annexproxy.discovery import BranchLogs, RemoteView, Repository
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pclient import P2PRefused, P2PSession, P2PSessionError
-from git_remote_annexproxy.store import AnnexStore, TransferInProgress
+from git_remote_annexproxy.specialformat import StorageError
+from git_remote_annexproxy.store import AnnexStore, Receive, TransferInProgress
 
 CONNECT_TIMEOUT = 60.0  # ssh + git-annex-shell start + AUTH-SUCCESS + VERSION
 IDLE_TIMEOUT = 300.0  # any later wait; a special remote may be slow to start sending
@@ -198,6 +200,9 @@ class Fetcher:
         self.forward_retry = forward_retry
         self.on_bytes = on_bytes
         self.branch = AnnexBranch(gitdir, gitdir / "annex")
+        self.gitdir = gitdir
+        self.specials: dict[str, objectclient.SpecialTarget | None] = {}
+        self.negotiated: dict[str, objectclient.Negotiated] = {}
 
     async def fetch(self, key: Key, af: str | None, sources: Sequence[Source]) -> Fetched:
         result = Fetched(key, ok=False)
@@ -229,12 +234,59 @@ class Fetcher:
         result.error = "; ".join(dict.fromkeys(errors)) or "no source to try"
         return result
 
+    async def _special(self, src: Source) -> objectclient.SpecialTarget | None:
+        """`src` as an encrypted special remote whose objects we decrypt here, else None."""
+        uuid = src.repo.uuid
+        if src.repo.kind != "special":
+            return None
+        if uuid not in self.specials:
+            try:
+                special = await objectclient.special_target(self.logs, uuid, src.repo.name)
+            except (GpgError, ValueError):
+                special = None  # we cannot open the cipher: the proxy decrypts, as before
+            self.specials[uuid] = special if special and special.encryption else None
+            self.negotiated[uuid] = objectclient.Negotiated(lambda line: None)
+        return self.specials[uuid]
+
+    async def _objects(
+        self, session: P2PSession, special: objectclient.SpecialTarget, key: Key,
+        receive: Receive, result: Fetched,
+    ) -> None:  # fmt: skip
+        async def write(piece: bytes) -> None:
+            result.bytes += len(piece)
+            self.on_bytes(len(piece))
+            receive.write(piece)
+
+        try:
+            await objectclient.download_key(
+                session, special, key, logs=self.logs, annexdir=self.gitdir / "annex",
+                write=write, offset=receive.offset,
+            )  # fmt: skip
+        except objectclient.ObjectError as exc:
+            raise _Absent from exc
+        except (GpgError, StorageError) as exc:
+            raise _BadContent(f"{special.name}: {exc}", resumed=receive.offset > 0) from None
+
     async def _attempt(self, key: Key, af: str | None, src: Source, result: Fetched) -> None:
         """One GET from `src` into the partial; raises unless the object is in place."""
         with self.store.begin_receive(key) as receive:
             session = await self.pool.acquire(src)
             resumed = receive.offset > 0
             try:
+                special = await self._special(src)
+                if special is not None:
+                    try:
+                        agreed = await self.negotiated[src.repo.uuid].agreed(session)
+                    except objectclient.ServerClosed:
+                        await self.pool.release(session)  # the offer cost that session
+                        session = await self.pool.acquire(src)
+                        agreed = None
+                    if agreed:
+                        await self._objects(session, special, key, receive, result)
+                        if not await trio.to_thread.run_sync(receive.finish):
+                            why = f"{src.repo.name}: verification of content failed"
+                            raise _BadContent(why, resumed=resumed)
+                        return
                 download = await session.get(key, receive.offset, af)
                 async for piece in download:
                     result.bytes += len(piece)

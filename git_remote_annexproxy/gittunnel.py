@@ -18,6 +18,9 @@
 The session's stderr is held back until that decision, so the expected complaint of a
 server without CONNECT does not reach the user; once the tunnel works it is relayed live.
 Every wait is bounded by the idle timeout, counting traffic in either direction.
+
+A `StreamWatch` may be given to see git's bytes both ways (the push-content feature
+learns from them which refs a push updated; pushcontent.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import trio
 
@@ -41,6 +45,14 @@ MAX_HELD_STDERR = 64 * 1024
 
 class TunnelError(Exception):
     """The tunnel cannot be used and falling back would not help; one line for the user."""
+
+
+class StreamWatch(Protocol):
+    """Sees the git service's bytes as they pass: git's to the server, and the server's."""
+
+    def from_git(self, data: bytes | bytearray) -> None: ...
+
+    def to_git(self, data: bytes | bytearray) -> None: ...
 
 
 class StderrRelay:
@@ -89,8 +101,11 @@ async def _write_stderr(data: bytes | bytearray) -> None:
 class Tunnel:
     """An established CONNECT: the session's channel and its stderr."""
 
-    def __init__(self, channel: P2PChannel, stderr: StderrRelay, idle: float) -> None:
+    def __init__(
+        self, channel: P2PChannel, stderr: StderrRelay, idle: float, watch: StreamWatch | None
+    ) -> None:
         self.channel = channel
+        self.watch = watch
         self.stderr = stderr
         self.idle_timeout = idle
         self.last_activity = trio.current_time()
@@ -137,6 +152,8 @@ class Tunnel:
             match event:
                 case p2p.Body(data):
                     self.active()
+                    if self.watch is not None:
+                        self.watch.to_git(data)
                     await self.write_git(git_out, data)
                 case p2p.Data() | p2p.BodyEnd():
                     pass
@@ -162,6 +179,8 @@ class Tunnel:
         try:
             while data := await git_in.receive_some(READ_SIZE):
                 self.active()
+                if self.watch is not None:
+                    self.watch.from_git(data)
                 await self.channel.send(p2p.Data(len(data)))
                 await self.channel.send_raw(data)
             await self.channel.send(p2p.Data(0))  # end of git's input
@@ -203,6 +222,7 @@ async def run_service(
     idle_timeout: float,
     announce: Callable[[], None],
     verbose: bool = False,
+    watch: StreamWatch | None = None,
 ) -> int | None:
     """Run `service` through the session started by argv, with git on our fds 0 and 1.
 
@@ -222,7 +242,7 @@ async def run_service(
         nursery.start_soon(stderr.run)
         try:
             outcome = await _session(
-                channel, stderr, service, idle_timeout=idle_timeout, announce=announce
+                channel, stderr, service, idle_timeout=idle_timeout, announce=announce, watch=watch
             )
         except TunnelError as exc:
             outcome = exc
@@ -255,6 +275,7 @@ async def _session(
     *,
     idle_timeout: float,
     announce: Callable[[], None],
+    watch: StreamWatch | None,
 ) -> int | None:
     try:
         with trio.fail_after(idle_timeout):
@@ -280,7 +301,7 @@ async def _session(
     git_in = trio.lowlevel.FdStream(os.dup(0))
     git_out = trio.lowlevel.FdStream(os.dup(1))
     try:
-        return await Tunnel(channel, stderr, idle_timeout).relay(git_in, git_out)
+        return await Tunnel(channel, stderr, idle_timeout, watch).relay(git_in, git_out)
     finally:
         for stream in (git_in, git_out):
             await stream.aclose()

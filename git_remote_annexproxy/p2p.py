@@ -20,12 +20,18 @@ The grammar is upstream's (`Utility/SimpleProtocol.hs`, `P2P/Protocol.hs`; spec 
   CONNECT tunnels). An unreadable DATA header loses the framing and is fatal.
 
 Wire bytes are decoded as UTF-8 with `surrogateescape`, so every byte survives a round trip.
+
+Besides upstream's messages, the codec knows annexproxy's own extensions (`EXTENSIONS`,
+`CHECKOBJECT`, `PUTOBJECT`, `GETOBJECT`, `RECORD`, `PUTINDIRECT`, `INDIRECT`,
+`INDIRECTDONE`); they are only ever sent after the peer agreed to them (HACKING.md, "P2P
+extensions"), so git-annex never sees one.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias, assert_never
@@ -33,6 +39,10 @@ from typing import Final, TypeAlias, assert_never
 from .keys import BadKey, Key
 
 SERVICES: Final = frozenset({"git-upload-pack", "git-receive-pack"})
+# Our protocol extensions (negotiated with EXTENSIONS right after VERSION; see the section
+# "extension messages" below). A server that does not know the word never gets more.
+EXT_OBJECTS: Final = "annexproxy-objects"
+EXT_INDIRECT: Final = "annexproxy-indirect"
 
 
 class P2PProtocolError(Exception):
@@ -207,11 +217,78 @@ class Error:
     text: str
 
 
+# --- extension messages (annexproxy's own; never sent unless EXTENSIONS agreed on them) ---
+#
+# `EXTENSIONS word...` both ways: the client offers, the server answers with the subset it
+# serves in this session (possibly none). An object name is a token: no whitespace, never
+# empty; what names are acceptable is the server's business (`specialformat.object_name`).
+
+
+@dataclass(frozen=True, slots=True)
+class Extensions:
+    words: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckObject:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PutObject:
+    """`PUTOBJECT name size`: answered ALREADY-HAVE or PUT-FROM 0, then DATA as for PUT."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetObject:
+    """`GETOBJECT name`: answered DATA n + bytes + VALID/INVALID, or FAILURE (absent)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """`RECORD chunksize count key` (chunksize 0: unchunked), then `DATA n` with the
+    object names, one per line: the server checks them and logs the key's location."""
+
+    chunk_size: int
+    count: int
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class PutIndirect:
+    """`PUTINDIRECT name size sha256hex`: answered INDIRECT, ALREADY-HAVE or FAILURE."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Indirect:
+    """`INDIRECT url headers`: where to PUT the object and the HTTP headers to send, the
+    headers form-encoded (`a=b&c=d`, percent-escaped; empty when none)."""
+
+    url: str
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IndirectDone:
+    name: str
+
+
 Message: TypeAlias = (
     Auth | AuthSuccess | AuthFailure | Version | Bypass | CheckPresent | LockContent
     | UnlockContent | Remove | RemoveBefore | GetTimestamp | Timestamp | Put | PutFrom | Data
     | DataPresent | Valid | Invalid | Get | Success | Failure | SuccessPlus | FailurePlus
     | AlreadyHave | AlreadyHavePlus | Connect | ConnectDone | NotifyChange | Changed | Error
+    | Extensions | CheckObject | PutObject | GetObject | Record | PutIndirect | Indirect
+    | IndirectDone
 )  # fmt: skip
 
 
@@ -269,6 +346,10 @@ _AUTH_TOKEN_RE: Final = re.compile("[A-Za-z0-9]*")
 # `%` -> `_`, a control character (Haskell isControl, category Cc) -> `_`.
 _AF_DECODE_RE: Final = re.compile("%%|%|[\x00-\x1f\x7f-\x9f]")
 _AF_ENCODE_RE: Final = re.compile(f"%|{_SPACE_RE.pattern}")
+_SHA256_RE: Final = re.compile("[0-9a-f]{64}")
+# RFC 9110 token characters for header names; values are visible ASCII and inner spaces.
+_HEADER_NAME_RE: Final = re.compile("[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_RE: Final = re.compile("[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?|")
 
 
 def _separate(s: str) -> tuple[str, str]:
@@ -392,6 +473,57 @@ def _parse_get(rest: str) -> Message | None:
         return None
 
 
+def _parse_put_object(rest: str) -> Message | None:
+    name, size_s = _separate(rest)
+    size = _nat(size_s)
+    return PutObject(name, size) if _is_token(name) and size is not None else None
+
+
+def _parse_record(rest: str) -> Message | None:
+    size_s, rest = _separate(rest)
+    count_s, key_s = _separate(rest)
+    size, count, key = _nat(size_s), _nat(count_s), _key(key_s)
+    if size is None or count is None or key is None:
+        return None
+    return Record(size, count, key)
+
+
+def _parse_put_indirect(rest: str) -> Message | None:
+    name, rest = _separate(rest)
+    size_s, sha = _separate(rest)
+    size = _nat(size_s)
+    if not _is_token(name) or size is None or _SHA256_RE.fullmatch(sha) is None:
+        return None
+    return PutIndirect(name, size, sha)
+
+
+def _good_header(name: str, value: str) -> bool:
+    return bool(_HEADER_NAME_RE.fullmatch(name)) and bool(_HEADER_VALUE_RE.fullmatch(value))
+
+
+def _parse_indirect(rest: str) -> Message | None:
+    url, form = _separate(rest)
+    if not _is_token(url) or (form and not _is_token(form)):
+        return None
+    try:
+        pairs = (
+            urllib.parse.parse_qsl(
+                form, keep_blank_values=True, strict_parsing=True, errors="strict"
+            )
+            if form
+            else []
+        )
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not all(_good_header(n, v) for n, v in pairs):
+        return None  # a CR or LF in a value would be header injection on the client side
+    return Indirect(url, tuple(pairs))
+
+
+def _p_token(make: Callable[[str], Message]) -> _Parser:
+    return lambda rest: make(rest) if _is_token(rest) else None
+
+
 # DATA is missing on purpose: the reader handles it, because it switches the framing.
 _PARSERS: Final[dict[str, _Parser]] = {
     "AUTH": _parse_auth,
@@ -423,6 +555,14 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "NOTIFYCHANGE": _p0(NotifyChange()),
     "CHANGED": _p_list(Changed),
     "ERROR": Error,
+    "EXTENSIONS": _p_list(Extensions),
+    "CHECKOBJECT": _p_token(CheckObject),
+    "PUTOBJECT": _parse_put_object,
+    "GETOBJECT": _p_token(GetObject),
+    "RECORD": _parse_record,
+    "PUTINDIRECT": _parse_put_indirect,
+    "INDIRECT": _parse_indirect,
+    "INDIRECTDONE": _p_token(IndirectDone),
 }
 
 
@@ -522,6 +662,26 @@ def _fields(msg: Message) -> list[str]:
             if "\n" in text:
                 raise LocalProtocolError(f"newline in ERROR text: {text!r}")
             return ["ERROR", text]
+        case Extensions(words):
+            return ["EXTENSIONS", *map(_token, words)]
+        case CheckObject(name):
+            return ["CHECKOBJECT", _token(name)]
+        case PutObject(name, size):
+            return ["PUTOBJECT", _token(name), _num(size)]
+        case GetObject(name):
+            return ["GETOBJECT", _token(name)]
+        case Record(chunk_size, count, key):
+            return ["RECORD", _num(chunk_size), _num(count), _key_str(key)]
+        case PutIndirect(name, size, sha256):
+            if _SHA256_RE.fullmatch(sha256) is None:
+                raise LocalProtocolError(f"not a lowercase SHA-256: {sha256!r}")
+            return ["PUTINDIRECT", _token(name), _num(size), sha256]
+        case Indirect(url, headers):
+            if not all(_good_header(n, v) for n, v in headers):
+                raise LocalProtocolError(f"headers cannot be sent: {headers!r}")
+            return ["INDIRECT", _token(url), urllib.parse.urlencode(headers, safe="")]
+        case IndirectDone(name):
+            return ["INDIRECTDONE", _token(name)]
     assert_never(msg)
 
 

@@ -3,9 +3,10 @@
 `P2PSession.spawn` starts the command (ssh, or a local git-annex-shell; see
 `urls.shell_argv`), checks the server's `AUTH-SUCCESS <uuid>` against the repository we
 asked for, and negotiates `VERSION` (p2p-protocol.md §5). Requests then run one at a time,
-as the protocol demands: `checkpresent`, and `get`, which hands back a `Download` whose
-pieces the caller consumes before giving its verdict (§7). Sending content (PUT) fits the
-same shape and comes with uploads.
+as the protocol demands: `checkpresent`; `get`, which hands back a `Download` whose
+pieces the caller consumes before giving its verdict (§7); and `put`, which hands back an
+`Upload` that either says the server already has the key or streams the content from the
+offset the server asked for (`PUT-FROM`, so a cut upload resumes) and returns its verdict.
 
 Every wait is bounded: spawning and the greeting by `connect_timeout`, each read or write
 after that by `idle_timeout` (the P2PChannel's), closing by a few seconds. The server's
@@ -21,7 +22,9 @@ that leaves it usable (the server answered `ERROR` to a request).
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import trio
 
@@ -30,6 +33,7 @@ from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
 
 MAX_VERSION = 4
+SEND_PIECE = 1 << 20  # bytes read from a file and written to the server at a time
 STDERR_TAIL = 4096  # bytes of the server's stderr kept for error messages
 _CLOSE_GRACE = 5.0  # seconds a healthy server gets to exit after we close its stdin
 _STDERR_GRACE = 2.0  # seconds to wait for the last words on stderr after a failure
@@ -79,8 +83,9 @@ class P2PSession:
         self.uuid = ""  # from AUTH-SUCCESS
         self.version = 0
         self.dead = False
-        # The GET whose verdict is still due: until then no other request may be sent.
-        self.busy: Download | None = None
+        # The GET whose verdict, or the PUT whose content, is still due: until then no
+        # other request may be sent.
+        self.busy: Download | Upload | None = None
         self._channel: P2PChannel | None = None
         self._process: trio.Process | None = None
         self._stderr: _StderrTail | None = None
@@ -189,6 +194,17 @@ class P2PSession:
             self.dead = True  # cut short mid-exchange
             raise
 
+    async def _send_raw(self, data: bytes) -> None:
+        try:
+            await self._chan().send_raw(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise await self._failure(str(exc) or "connection lost") from None
+        except ChannelTimeout as exc:
+            raise await self._failure(str(exc)) from None
+        except trio.Cancelled:
+            self.dead = True
+            raise
+
     async def _event(self) -> p2p.Event:
         try:
             event = await self._chan().next_event()
@@ -228,6 +244,21 @@ class P2PSession:
         self.busy = Download(self, offset, reply.length)
         return self.busy
 
+    async def put(self, key: Key, af: str | None = None) -> Upload:
+        """Offer `key` (PUT). If `Upload.already`, the server has it and the session is
+        free; otherwise call `Upload.send` with the content from `Upload.offset` on (the
+        server kept that much of an earlier, interrupted upload). `ERROR` (a read-only
+        server, say) raises P2PRefused and leaves the session usable."""
+        self._idle()
+        await self._send(p2p.Put(af, key))
+        reply = await self._reply(p2p.AlreadyHave, p2p.AlreadyHavePlus, p2p.PutFrom)
+        if isinstance(reply, p2p.PutFrom):
+            upload = Upload(self, offset=reply.offset, already=False)
+            self.busy = upload
+            return upload
+        plus = reply.uuids if isinstance(reply, p2p.AlreadyHavePlus) else ()
+        return Upload(self, offset=0, already=True, plus=plus)
+
     # -- closing -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -253,6 +284,103 @@ class P2PSession:
             if proc.stderr is not None:
                 with trio.move_on_after(1):
                     await proc.stderr.aclose()
+
+    # -- annexproxy's extensions (objectclient.py; HACKING.md "P2P extensions") -----------
+
+    async def extensions(self, wanted: Sequence[str]) -> frozenset[str]:
+        """Offer `wanted` (EXTENSIONS); the ones the server agreed to. A server that does
+        not know the word is a fallback, not an error: git-annex-shell answers ERROR and
+        the session goes on; a git-annex proxy closes the connection, so the session is
+        dead (`self.dead`) and the caller opens another one, never offering again."""
+        self._idle()
+        await self._send(p2p.Extensions(tuple(wanted)))
+        try:
+            reply = await self._reply(p2p.Extensions)
+        except P2PRefused:
+            return frozenset()
+        except P2PSessionError:
+            if self.dead:
+                return frozenset()
+            raise
+        assert isinstance(reply, p2p.Extensions)
+        return frozenset(reply.words) & frozenset(wanted)
+
+    async def checkobject(self, name: str) -> bool:
+        self._idle()
+        await self._send(p2p.CheckObject(name))
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+
+    async def putobject(self, name: str, size: int, pieces: AsyncIterator[bytes]) -> str:
+        """Store one finished object: "already" (the server has it), "stored" or "failed".
+        `pieces` must give exactly `size` bytes, or the session ends."""
+        self._idle()
+        await self._send(p2p.PutObject(name, size))
+        reply = await self._reply(p2p.AlreadyHave, p2p.PutFrom)
+        if isinstance(reply, p2p.AlreadyHave):
+            return "already"
+        assert isinstance(reply, p2p.PutFrom)
+        if reply.offset != 0:
+            raise await self._failure("protocol error: PUTOBJECT cannot resume")
+        try:
+            await self._send(p2p.Data(size))
+            sent = 0
+            async for piece in pieces:
+                sent += len(piece)
+                if sent > size:
+                    break
+                await self._send_raw(piece)
+            if sent != size:
+                raise P2PSessionError(f"{self.name}: object changed size while it was sent")
+        except BaseException:
+            self.dead = True  # cut inside the payload: the framing is lost
+            raise
+        if self.version >= 1:
+            await self._send(p2p.Valid())
+        ok = await self._reply(p2p.Success, p2p.Failure)
+        return "stored" if isinstance(ok, p2p.Success) else "failed"
+
+    async def getobject(self, name: str) -> AsyncGenerator[bytes, None]:
+        """The bytes of one stored object; P2PRefused when the server has no such object,
+        P2PSessionError when it could not send it whole (INVALID)."""
+        self._idle()
+        await self._send(p2p.GetObject(name))
+        reply = await self._reply(p2p.Data, p2p.Failure)
+        if isinstance(reply, p2p.Failure):
+            raise P2PRefused(self.name, f"object {name} is not in the remote")
+        try:
+            while isinstance(event := await self._event(), p2p.Body):
+                yield event.data
+            if not isinstance(event, p2p.BodyEnd):
+                raise await self._failure("protocol error: bad DATA framing")
+            valid = True
+            if self.version >= 1:
+                valid = isinstance(await self._reply(p2p.Valid, p2p.Invalid), p2p.Valid)
+        except BaseException:
+            self.dead = True  # abandoned or cut mid-exchange: a late reply would confuse
+            raise
+        if not valid:
+            raise P2PRefused(self.name, f"object {name} could not be read whole")
+
+    async def record(self, key: Key, chunk_size: int, names: Sequence[str]) -> bool:
+        """Ask the server to check the objects `names` of `key` and log its location."""
+        self._idle()
+        payload = "".join(n + "\n" for n in names).encode("utf-8", "surrogateescape")
+        await self._send(p2p.Record(chunk_size, len(names), key), p2p.Data(len(payload)))
+        await self._send_raw(payload)
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+
+    async def putindirect(self, name: str, size: int, sha256: str) -> p2p.Message:
+        """INDIRECT (where to PUT the object), ALREADY-HAVE or FAILURE."""
+        self._idle()
+        await self._send(p2p.PutIndirect(name, size, sha256))
+        reply = await self._reply(p2p.Indirect, p2p.AlreadyHave, p2p.Failure)
+        assert isinstance(reply, p2p.Indirect | p2p.AlreadyHave | p2p.Failure)
+        return reply
+
+    async def indirectdone(self, name: str) -> bool:
+        self._idle()
+        await self._send(p2p.IndirectDone(name))
+        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
 
 
 class Download:
@@ -298,3 +426,69 @@ class Download:
             raise P2PSessionError(f"{self.session.name}: verdict before the data was read")
         await self.session._send(p2p.Success() if ok else p2p.Failure())
         self.session.busy = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The server's verdict on an upload: `ok` (SUCCESS...) and the UUIDs a SUCCESS-PLUS
+    or FAILURE-PLUS listed (a cluster gateway names the nodes that stored it)."""
+
+    ok: bool
+    plus: tuple[str, ...] = ()
+
+
+class Upload:
+    """The server's answer to one PUT: `already` (ALREADY-HAVE, with ALREADY-HAVE-PLUS's
+    UUIDs in `plus`), or `PUT-FROM offset`, after which `send` must be called: until it
+    returns the session is busy, and one abandoned mid-send can only be closed."""
+
+    def __init__(
+        self, session: P2PSession, *, offset: int, already: bool, plus: tuple[str, ...] = ()
+    ) -> None:
+        self.session = session
+        self.offset = offset
+        self.already = already
+        self.plus = plus
+        self.sent = 0
+
+    async def send(
+        self,
+        source: BinaryIO,
+        length: int,
+        *,
+        unchanged: Callable[[], bool] = lambda: True,
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> Stored:
+        """Send `length` bytes read from `source` (positioned at `offset` by the caller),
+        in SEND_PIECE pieces so memory stays bounded; then VALID, or INVALID when
+        `unchanged()` says the file changed while it was read; then read the verdict.
+
+        A source that ends early cannot be covered up (the DATA header promised `length`
+        bytes), so the session is ended (P2PSessionError) and the server keeps a partial.
+        """
+        s = self.session
+        if self.already or s.busy is not self:
+            raise P2PSessionError(f"{s.name}: nothing to send for this PUT")
+        await s._send(p2p.Data(length))
+        left = length
+        while left > 0:
+            piece = await trio.to_thread.run_sync(source.read, min(SEND_PIECE, left))
+            if not piece:
+                s.dead = True
+                await s.aclose()
+                raise P2PSessionError(f"{s.name}: the file shrank while it was sent")
+            await s._send_raw(piece)
+            left -= len(piece)
+            self.sent += len(piece)
+            on_bytes(len(piece))
+        if s.version >= 1:
+            await s._send(p2p.Valid() if unchanged() else p2p.Invalid())
+        try:
+            reply = await s._reply(p2p.Success, p2p.SuccessPlus, p2p.Failure, p2p.FailurePlus)
+        except P2PRefused:
+            s.busy = None  # ERROR ends the exchange; the session goes on
+            raise
+        s.busy = None
+        if isinstance(reply, p2p.SuccessPlus | p2p.FailurePlus):
+            return Stored(isinstance(reply, p2p.SuccessPlus), reply.uuids)
+        return Stored(isinstance(reply, p2p.Success))

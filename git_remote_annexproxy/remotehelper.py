@@ -14,6 +14,10 @@ After a successful fetch into a configured remote, `remote.NAME.annexurl` is set
 equivalent ssh URL: git-annex cannot parse an `annexproxy::` URL, and reads annexurl in its
 place, so a clone made by this helper works with a real git-annex client as is.
 
+With `remote.NAME.annexproxy-push-content=true`, a successful push is followed by an upload
+of the annexed content of what it updated (pushcontent.py); the helper watches the
+receive-pack session's bytes to learn which refs that was.
+
 Errors are one `fatal: ...` line on stderr and exit status 1, as git's own helpers do.
 """
 
@@ -25,9 +29,13 @@ import subprocess
 import sys
 import uuid as uuidlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from git_remote_annexproxy import urls
 from git_remote_annexproxy.gitenv import without_local_repo
+
+if TYPE_CHECKING:
+    from git_remote_annexproxy.pushcontent import PushWatch
 
 # Services we tunnel; git-upload-archive is not offered (git-annex-shell disables it too).
 SERVICES = ("git-upload-pack", "git-receive-pack")
@@ -88,16 +96,31 @@ class Helper:
         if service not in SERVICES:
             raise Fatal(f"{service} is not supported by annexproxy")
         env = self.session_env(service)
-        code = self.tunnel(service, env)
+        watch = self.push_watch(service)
+        code = self.tunnel(service, env, watch)
         if code is None:
-            code = self.fallback(service, env)
+            code = self.fallback(service, env, watch)
         if code == 0 and service == "git-upload-pack":
             self.remember_annexurl()
+        if watch is not None:
+            from git_remote_annexproxy import pushcontent  # noqa: PLC0415
+
+            verbose = self.verbosity >= 2
+            sent = pushcontent.send_content(self.remote, self.config, watch, code, verbose=verbose)
+            code = code or sent
         return code
+
+    def push_watch(self, service: str) -> PushWatch | None:
+        """A watch on a push whose content is to be sent afterwards, else None."""
+        if service != "git-receive-pack" or not self.in_repo:
+            return None
+        from git_remote_annexproxy import pushcontent  # noqa: PLC0415
+
+        return pushcontent.PushWatch() if pushcontent.enabled(self.config, self.remote) else None
 
     # -- the two transports -------------------------------------------------------------
 
-    def tunnel(self, service: str, env: dict[str, str]) -> int | None:
+    def tunnel(self, service: str, env: dict[str, str], watch: PushWatch | None) -> int | None:
         """git through CONNECT; None when the server cannot do that (nothing sent to git)."""
         import trio  # noqa: PLC0415 - only this path needs it
 
@@ -118,6 +141,7 @@ class Helper:
                     idle_timeout=self.idle_timeout(),
                     announce=lambda: reply(b"\n"),
                     verbose=self.verbosity >= 2,
+                    watch=watch,
                 )
             )
         except gittunnel.TunnelError as exc:
@@ -125,7 +149,7 @@ class Helper:
         except OSError as exc:
             raise Fatal(f"cannot run {argv[0]}: {exc.strerror}") from None
 
-    def fallback(self, service: str, env: dict[str, str]) -> int:
+    def fallback(self, service: str, env: dict[str, str], watch: PushWatch | None) -> int:
         """The service run directly (over ssh, or locally), with git on our fds 0 and 1."""
         try:
             argv = urls.git_service_argv(self.url, service, env)
@@ -138,7 +162,12 @@ class Helper:
         try:
             # No timeout of ours: this is git's own transport, which git waits on for as long
             # as the transfer takes (ssh's keep-alives bound a dead connection).
-            returncode = subprocess.run(argv, env=env, check=False).returncode
+            if watch is None:
+                returncode = subprocess.run(argv, env=env, check=False).returncode
+            else:
+                from git_remote_annexproxy.pushcontent import run_watched  # noqa: PLC0415
+
+                returncode = run_watched(argv, env, watch)
         except OSError as exc:
             raise Fatal(f"cannot run {argv[0]}: {exc.strerror}") from None
         return returncode if returncode >= 0 else 128 - returncode

@@ -382,6 +382,53 @@ class AnnexStore:
         """
         return Receive(self, key)
 
+    def adopt(self, key: Key, src_dirfd: int, src_name: str, fd: int, mtime_ns: int) -> None:
+        """Move a work-tree file in as `key`'s object, as ``git annex add`` does (moveAnnex).
+
+        `fd` is the file opened by the caller, who hashed its content through it to make
+        `key`, `mtime_ns` its mtime from before the hashing. The file is first renamed into
+        ``annex/tmp`` so that no one can open it by its old name any more; it must then
+        still be the file behind `fd`, with the key's size and that mtime (git-annex's
+        "changed while it was being added" check), else it is moved back and
+        OSError(EAGAIN) raised. Then, as in
+        `Receive.finish`: fsync, a-w, rename into the key directory, fsync of that
+        directory. An object already present is kept and the file simply removed.
+        EXDEV (nothing moved) if ``annex/`` is on another filesystem: use begin_receive.
+        """
+        hashed = os.fstat(fd)
+        kf = key.keyfile()
+        tmp = f"add-{secrets.token_hex(8)}"
+        tmpdir = self._open_dir(("annex", "tmp"), create=True)
+        try:
+            os.rename(src_name, tmp, src_dir_fd=src_dirfd, dst_dir_fd=tmpdir)
+            try:
+                now = os.stat(tmp, dir_fd=tmpdir, follow_symlinks=False)
+                same = (now.st_dev, now.st_ino) == (hashed.st_dev, hashed.st_ino)
+                if not same or (now.st_size, now.st_mtime_ns) != (key.size, mtime_ns):
+                    raise OSError(errno.EAGAIN, "changed while it was being added")
+                if self.has(key):
+                    os.unlink(tmp, dir_fd=tmpdir)
+                    return
+                os.fsync(fd)
+                os.fchmod(fd, stat.S_IMODE(hashed.st_mode) & ~0o222)
+                keydir = self._open_dir(self._keydirs(key)[0], create=True, durable=True)
+            except BaseException:
+                # Back under its name (a link: never over something new that took the name).
+                try:
+                    os.link(tmp, src_name, src_dir_fd=tmpdir, dst_dir_fd=src_dirfd)
+                    os.unlink(tmp, dir_fd=tmpdir)
+                except OSError:
+                    kept = self.gitdir / "annex" / "tmp" / tmp
+                    raise OSError(errno.EEXIST, f"could not be put back: it is {kept}") from None
+                raise
+            try:
+                _in_thawed(keydir, lambda: os.rename(tmp, kf, src_dir_fd=tmpdir, dst_dir_fd=keydir))
+                os.fsync(keydir)
+            finally:
+                os.close(keydir)
+        finally:
+            os.close(tmpdir)
+
     # content locks and retention
 
     @contextmanager

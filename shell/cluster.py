@@ -273,7 +273,9 @@ class GatewaySession(FrontSession):
     async def put(self, af: str | None, key: Key) -> None:
         # Sizes are read afresh here: a store or removal this session (or a concurrent
         # one) logged in the journal already counts, as git-annex's live update does.
-        targets = self.placement.targets(self.nodes(), lambda n: n.uuid, key, af)
+        targets = self.placement.targets(
+            self.nodes(), lambda n: n.uuid, key, af, name_of=lambda n: n.name
+        )
         answers = await self.fan_out(targets, lambda link: link.put(af, key))
         uploads: list[tuple[Remote, Upload]] = []
         had: list[rules.NodeReply] = []

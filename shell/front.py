@@ -8,6 +8,7 @@ proxy's own git-annex branch, and end the same way; that is here, once.
 from __future__ import annotations
 
 import os
+import time
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.annexlog import is_cluster_uuid
@@ -15,7 +16,7 @@ from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel
 from shell import restrict
-from shell.p2pserver import ClientFacing, SessionEnd
+from shell.p2pserver import ClientFacing, SessionEnd, warn
 from shell.repo import Repo
 
 # How long one node may take to answer one request (or to move data at all) before only
@@ -69,6 +70,15 @@ class FrontSession(ClientFacing):
                 raise SessionEnd(0)
             case p2p.Unparsable():
                 await self.send(p2p.Error("unknown command"))
+            case p2p.Extensions():
+                await self.send(p2p.Extensions(()))  # none for this kind of session
+            case (
+                p2p.CheckObject() | p2p.PutObject() | p2p.GetObject() | p2p.Record()
+                | p2p.PutIndirect() | p2p.IndirectDone()
+            ):  # fmt: skip
+                # Not negotiated here: as unknown as to git-annex (a RECORD's DATA then
+                # arrives as an unexpected DATA, and is answered as any other).
+                await self.send(p2p.Error("unknown command"))
             case p2p.Bypass():
                 pass
             case _:
@@ -83,6 +93,29 @@ class FrontSession(ClientFacing):
     async def read_client_data(self) -> p2p.Event:
         """The client's answer to PUT-FROM: DATA, DATA-PRESENT, or something wrong."""
         return await self.event()
+
+    def log_traffic(self, storage_written: int = 0, storage_read: int = 0) -> None:
+        """One line per session in the file git config ``annexproxy.trafficlog`` (or
+        ANNEXPROXY_TRAFFIC_LOG) names: what crossed the client's connection and the
+        storage's, so an admin (and the tests) can see where the bytes went."""
+        path = os.environ.get("ANNEXPROXY_TRAFFIC_LOG") or self.repo.config.get(
+            "annexproxy.trafficlog"
+        )
+        if not path:
+            return
+        line = (
+            f"{int(time.time())} uuid={self.served} client={self.client_uuid}"
+            f" client_in={self.channel.bytes_in} client_out={self.channel.bytes_out}"
+            f" storage_written={storage_written} storage_read={storage_read}\n"
+        )
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8", "surrogateescape"))  # one append: atomic
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            warn(f"git-annex-shell: cannot write the traffic log: {exc}")
 
     async def client_validity(self) -> bool | None:
         """VALID/INVALID after the client's DATA (None for a v0 client)."""

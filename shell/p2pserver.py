@@ -171,6 +171,8 @@ class PlainSession(ClientFacing):
                 raise SessionEnd(0)
             case p2p.Unparsable():
                 await self.send(p2p.Error("unknown command"))
+            case p2p.Extensions():
+                await self.send(p2p.Extensions(()))  # a plain repository serves none
             case p2p.Data():
                 await self.drain_body()
                 await self.send(p2p.Error("unexpected command"))

@@ -95,15 +95,37 @@ class Placement:
         return RepoSizes()
 
     def targets(
-        self, nodes: Sequence[N], uuid_of: Callable[[N], str], key: Key, af: str | None
+        self,
+        nodes: Sequence[N],
+        uuid_of: Callable[[N], str],
+        key: Key,
+        af: str | None,
+        name_of: Callable[[N], str] | None = None,
     ) -> list[N]:
-        """The nodes a PUT of `key` goes to (gatewayrules.put_targets with our wants), all
-        judged against one snapshot of locations and sizes."""
+        """The nodes a PUT of `key` goes to (gatewayrules.put_targets with our wants).
+
+        As a real gateway: the nodes are asked in descending order of their remote names,
+        and a node that wants the key counts its size at once (git-annex's live size
+        update for a transfer it has decided on), so the next node is judged with that
+        node fuller. With sizebalanced this is why a key often goes to two nodes; with
+        maxsize it is what keeps a nearly full node from being picked twice over.
+        Locations are one snapshot: a node that wants the key is not yet counted as
+        having it (tests/test_balanced_gateway.py shows both against git-annex)."""
         logged = self.locations(key)
-        sizes = self.sizes([uuid_of(n) for n in nodes])
-        return rules.put_targets(
-            nodes, uuid_of, logged, lambda n: self.wants(uuid_of(n), key, af, sizes, logged)
-        )
+        order = sorted(nodes, key=name_of, reverse=True) if name_of is not None else nodes
+        sizes = self.sizes([uuid_of(n) for n in order])
+        planned: dict[str, int] = {}
+
+        def wants(n: N) -> bool:
+            u = uuid_of(n)
+            now = sizes.with_delta(planned) if planned else sizes
+            if not self.wants(u, key, af, now, logged):
+                return False
+            if u in sizes.sizes:  # an unknown size stays unknown (has_space: yes)
+                planned[u] = planned.get(u, 0) + (key.size or 0)
+            return True
+
+        return rules.put_targets(order, uuid_of, logged, wants)
 
     def pretend_stored(self, key: Key, uuids: Sequence[str]) -> None:
         """Simulate a store (no log written): later decisions see the key there."""

@@ -13,12 +13,13 @@ import trio
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel, restore_stdio, stdio_channel
-from shell import gitconnect
+from shell import gitconnect, objectserve
 from shell.front import FrontSession
 from shell.nodelink import AlreadyHave, NodeError, NodeRefused, Outcome, Upload, make_link
 from shell.p2pserver import SessionEnd, idle_timeout, run_session
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
+from shell.speciallink import SpecialLink
 
 
 class ProxySession(FrontSession):
@@ -26,6 +27,7 @@ class ProxySession(FrontSession):
         super().__init__(repo, channel, client_uuid, node.uuid)
         self.node = node
         self.link = make_link(node, self.own_uuid, self.timeout, repo.config, repo.gitdir)
+        self.objects: objectserve.ObjectService | None = None  # once EXTENSIONS agreed on some
 
     async def run(self) -> None:
         await self.send(p2p.AuthSuccess(self.node.uuid))
@@ -87,10 +89,21 @@ class ProxySession(FrontSession):
                 # As in git-annex: git is served from the proxy's own repository.
                 if await gitconnect.connect(self.channel, self.repo.gitdir_str, service, self.mode):
                     raise SessionEnd(0)
+            case p2p.Extensions(words):
+                await self.extensions(words)
+            case _ if self.objects is not None and self.objects.serves(event):
+                await self.objects.handle(event)
             case p2p.Version() | p2p.NotifyChange():
                 await self.protocol_error()
             case _:
                 await self.not_a_request(event)
+
+    async def extensions(self, words: tuple[str, ...]) -> None:
+        """Answer with the asked-for extensions this node can serve (see objectserve)."""
+        agreed = tuple(w for w in objectserve.offered(self.link) if w in words)
+        if agreed and isinstance(self.link, SpecialLink):
+            self.objects = objectserve.ObjectService(self, self.link, agreed)
+        await self.send(p2p.Extensions(agreed))
 
     async def lock_content(self, key: Key) -> None:
         with trio.fail_after(self.timeout):
@@ -190,6 +203,10 @@ async def _serve(repo: Repo, target: Target, client_uuid: str) -> int:
     finally:
         with trio.CancelScope(shield=True):
             await session.link.aclose()
+        link = session.link
+        storage = link.storage if isinstance(link, SpecialLink) else None
+        written, read = (storage.written, storage.read) if storage is not None else (0, 0)
+        session.log_traffic(written, read)
 
 
 def serve(repo: Repo, target: Target, client_uuid: str) -> int:

@@ -31,13 +31,13 @@ from git_remote_annexproxy.crypto import (
     CryptoConfigError,
     Gpg,
     GpgError,
-    decrypt_cipher,
+    StoredCipher,
     mac_name,
-    recipients,
     stored_cipher,
 )
 from git_remote_annexproxy.gitconfig import GitConfig
 from git_remote_annexproxy.keys import Key, Verifier
+from git_remote_annexproxy.specialformat import load_encryption
 from shell.nodelink import (
     MAX_VERSION,
     AlreadyHave,
@@ -51,7 +51,7 @@ from shell.nodelink import (
 from shell.p2pserver import monotonic_seconds, warn
 from shell.proxyselect import Remote
 from shell.specialremote import Encryption, SpecialRemote, Spool
-from shell.specialstore import DirectoryStorage, SpecialStorage, StorageError
+from shell.specialstore import CountingStorage, DirectoryStorage, SpecialStorage, StorageError
 
 # Received content is gathered into pieces this large before a worker thread hashes and
 # writes them; also the size of the zero padding after a failed GET.
@@ -59,7 +59,9 @@ PIECE = 1 << 20
 REPORT = "proxied special remote reports: "
 
 
-def make_storage(remote: Remote, fields: dict[str, str]) -> SpecialStorage:
+def make_storage(
+    remote: Remote, fields: dict[str, str], gitdir: Path | None = None
+) -> SpecialStorage:
     """The storage of a special remote, by its remote.log ``type=``. A new type is one
     more branch here and a `SpecialStorage` subclass; nothing else changes."""
     kind = fields.get("type")
@@ -69,6 +71,13 @@ def make_storage(remote: Remote, fields: dict[str, str]) -> SpecialStorage:
         if not directory:
             raise NodeError(f"{remote.name}: remote.{remote.name}.annex-directory is not set")
         return DirectoryStorage(directory)
+    if kind == "S3":
+        from shell.s3storage import S3Storage  # noqa: PLC0415 - only S3 remotes need it
+
+        try:
+            return S3Storage.from_remote(remote.uuid, fields, remote.config, gitdir)
+        except StorageError as exc:
+            raise NodeError(f"{remote.name}: {exc}") from None
     raise NodeError(f"{remote.name}: special remote type {kind} is not supported")
 
 
@@ -82,6 +91,11 @@ class SpecialLink(NodeLink):
         self.config = config or GitConfig()
         self.timeout = timeout
         self.special: SpecialRemote | None = None
+        # Set by open. The cipher is decrypted only when a request needs it (_remote), so
+        # a session that only moves finished objects (shell/objectserve.py) never does.
+        self.storage: CountingStorage | None = None
+        self.stored: StoredCipher | None = None
+        self.chunk_size: int | None = None
         # Open spools and streams, closed by aclose however the session ends.
         self._spools: set[Spool] = set()
         self._streams: set[AsyncGenerator[bytes, None]] = set()
@@ -94,39 +108,46 @@ class SpecialLink(NodeLink):
             raise NodeError(f"{self.remote.name}: a special remote needs the proxy's repository")
         fields = self.remote.special or {}
         try:
-            chunk_size = configured_chunk_size(fields)
-            stored = stored_cipher(fields)
+            self.chunk_size = configured_chunk_size(fields)
+            self.stored = stored_cipher(fields)
         except (ChunkConfigError, CryptoConfigError) as exc:
             raise NodeError(f"{self.remote.name}: {exc}") from None
-        storage = make_storage(self.remote, fields)
-        encryption = None
-        if stored is not None:
+        self.storage = CountingStorage(make_storage(self.remote, fields, gitdir))
+        await trio.to_thread.run_sync(Spool.remove_stale, self.annexdir)
+        await self.storage.cleanup()
+        self.branch = AnnexBranch(gitdir, self.annexdir)
+        self.version = 0 if version is None else min(version, MAX_VERSION)
+
+    @property
+    def mac(self) -> str | None:
+        """The MAC of object names (None: unencrypted remote, objects named by keys)."""
+        return None if self.stored is None else mac_name(self.remote.special or {})
+
+    async def _remote(self) -> SpecialRemote:
+        if self.special is not None:
+            return self.special
+        if self.storage is None:
+            raise NodeError(f"{self.remote.name}: not open")
+        encryption: Encryption | None = None
+        if self.stored is not None:
             gpg = Gpg(
                 program=self.config.get("gpg.program") or "gpg",
                 encrypt_options=tuple((self.remote.get("gnupg-options") or "").split()),
                 decrypt_options=tuple((self.remote.get("gnupg-decrypt-options") or "").split()),
             )
             try:
-                cipher = await trio.to_thread.run_sync(decrypt_cipher, gpg, stored, self.timeout)
-            except GpgError as exc:
+                encryption = await load_encryption(self.remote.special or {}, gpg, self.timeout)
+            except (GpgError, CryptoConfigError) as exc:
                 raise NodeError(f"{self.remote.name}: {exc}") from None
-            encryption = Encryption(cipher, mac_name(fields), gpg, recipients(stored))
-        await trio.to_thread.run_sync(Spool.remove_stale, self.annexdir)
-        await storage.cleanup()
         self.special = SpecialRemote(
             self.uuid,
-            storage,
-            chunk_size=chunk_size,
+            self.storage,
+            chunk_size=self.chunk_size,
             encryption=encryption,
-            branch=AnnexBranch(gitdir, self.annexdir),
+            branch=self.branch,
             annexdir=self.annexdir,
             timeout=self.timeout,
         )
-        self.version = 0 if version is None else min(version, MAX_VERSION)
-
-    def _remote(self) -> SpecialRemote:
-        if self.special is None:
-            raise NodeError(f"{self.remote.name}: not open")
         return self.special
 
     def _refused(self, exc: Exception) -> NodeRefused:
@@ -136,7 +157,7 @@ class SpecialLink(NodeLink):
 
     async def checkpresent(self, key: Key) -> bool:
         try:
-            return await self._remote().present(key)
+            return await (await self._remote()).present(key)
         except (StorageError, GpgError) as exc:
             raise self._refused(exc) from None
 
@@ -150,7 +171,7 @@ class SpecialLink(NodeLink):
         if before is not None and monotonic_seconds() >= before:
             return Outcome(False)
         try:
-            await self._remote().remove(key)
+            await (await self._remote()).remove(key)
         except (StorageError, GpgError, OSError) as exc:
             raise self._refused(exc) from None
         return Outcome(True)
@@ -162,7 +183,7 @@ class SpecialLink(NodeLink):
         return _SpecialUpload(self, key)
 
     async def get(self, offset: int, af: str | None, key: Key) -> Download:
-        special = self._remote()
+        special = await self._remote()
         try:
             layout = await special.locate(key)
         except (StorageError, GpgError) as exc:
@@ -195,6 +216,9 @@ class SpecialLink(NodeLink):
                     await stream.aclose()
             for spool in list(self._spools):
                 self.drop_spool(spool)
+            if self.storage is not None:
+                with contextlib.suppress(Exception):
+                    await self.storage.aclose()
 
     # -- resources -----------------------------------------------------------------------------
 
@@ -289,7 +313,7 @@ class _SpecialUpload(Upload):
             # The caller bounds one reply by the node timeout; storing a large file takes
             # longer, and each of its steps is bounded by that timeout instead.
             with trio.CancelScope(shield=True):
-                await self.link._remote().store(self.key, self.spool)
+                await (await self.link._remote()).store(self.key, self.spool)
             return Outcome(True)
         except (StorageError, GpgError, OSError) as exc:
             raise self.link._refused(exc) from None

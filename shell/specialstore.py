@@ -25,6 +25,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import trio
 
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.specialformat import ObjectMissing, StorageError
+
+__all__ = ["DirectoryStorage", "ObjectMissing", "SpecialStorage", "StorageError"]
 
 # Writes are gathered into pieces of this size before a worker thread writes them.
 WRITE_SIZE = 1 << 20
@@ -33,14 +36,6 @@ READ_SIZE = 1 << 20
 # this long was left by a process that was killed.
 STALE_TMP_SECONDS = 3600.0
 _TMP_PREFIX = "annexproxy."
-
-
-class StorageError(Exception):
-    """The storage failed or cannot be reached; the message is for the user."""
-
-
-class ObjectMissing(StorageError):
-    """The object is not in the storage."""
 
 
 class SpecialStorage(ABC):
@@ -71,6 +66,51 @@ class SpecialStorage(ABC):
     async def remove(self, key: Key) -> None:
         """Remove the object; success if it was not there (but not if the storage is
         unreachable: it may still hold the object)."""
+
+
+class CountingStorage(SpecialStorage):
+    """Another storage, counting the bytes written to it and read from it (the proxy's
+    traffic log). ``inner`` is the storage itself, for what only some types offer."""
+
+    def __init__(self, inner: SpecialStorage) -> None:
+        self.inner = inner
+        self.written = 0
+        self.read = 0
+
+    async def store(self, key: Key, data: AsyncIterator[bytes]) -> None:
+        async def counted() -> AsyncIterator[bytes]:
+            async for piece in data:
+                self.written += len(piece)
+                yield piece
+
+        await self.inner.store(key, counted())
+
+    async def retrieve(self, key: Key) -> AsyncGenerator[bytes, None]:
+        async with contextlib.aclosing(self.inner.retrieve(key)) as it:
+            async for piece in it:
+                self.read += len(piece)
+                yield piece
+
+    async def open_local(self, key: Key) -> int | None:
+        fd = await self.inner.open_local(key)
+        if fd is not None:
+            self.read += os.fstat(fd).st_size  # whoever gets it reads it whole
+        return fd
+
+    async def cleanup(self) -> None:
+        await self.inner.cleanup()
+
+    async def present(self, key: Key) -> bool:
+        return await self.inner.present(key)
+
+    async def remove(self, key: Key) -> None:
+        await self.inner.remove(key)
+
+    async def aclose(self) -> None:
+        """Release what the storage holds (S3: idle connections), if it holds anything."""
+        close = getattr(self.inner, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class DirectoryStorage(SpecialStorage):

@@ -23,6 +23,7 @@ from git_remote_annexproxy.p2p import (
     BodyEnd,
     Bypass,
     Changed,
+    CheckObject,
     CheckPresent,
     Connect,
     ConnectDone,
@@ -31,10 +32,14 @@ from git_remote_annexproxy.p2p import (
     DataPresent,
     Error,
     Event,
+    Extensions,
     Failure,
     FailurePlus,
     Get,
+    GetObject,
     GetTimestamp,
+    Indirect,
+    IndirectDone,
     Invalid,
     LocalProtocolError,
     LockContent,
@@ -43,6 +48,9 @@ from git_remote_annexproxy.p2p import (
     P2PConnection,
     Put,
     PutFrom,
+    PutIndirect,
+    PutObject,
+    Record,
     RemoteProtocolError,
     Remove,
     RemoveBefore,
@@ -170,6 +178,17 @@ ALL_MESSAGES: list[Message] = [
     Error("unknown command"),
     Error(""),
     Put("key with spaces", Key.parse("WORM-s3-m1700000000--my file name")),
+    Extensions(("annexproxy-objects", "annexproxy-indirect")),
+    Extensions(()),
+    CheckObject("GPGHMACSHA1--" + "a" * 40),
+    PutObject("GPGHMACSHA256--" + "b" * 64, 1048576),
+    GetObject(K),
+    Record(1048576, 3, KEY),
+    Record(0, 1, Key.parse("WORM-s3-m1700000000--my file name")),
+    PutIndirect("GPGHMACSHA1--" + "c" * 40, 0, "e3b0c442" * 8),
+    Indirect("https://s3.example/b/o?X-Amz-Signature=ab%2F", (("x-amz-checksum-sha256", "q+/="),)),
+    Indirect("http://127.0.0.1:9/b/o", ()),
+    IndirectDone("GPGHMACSHA1--" + "c" * 40),
 ]
 
 
@@ -642,6 +661,18 @@ def test_large_body_in_64k_feeds_keeps_the_buffer_small() -> None:
         Get(0, "/abs", KEY),
         CheckPresent(Key("WORM", "x\r")),
         Error("\ud800"),  # a surrogate no received byte decodes to
+        Extensions(("a b",)),
+        CheckObject(""),
+        CheckObject("a b"),
+        PutObject("x", -1),
+        GetObject("x\ny"),
+        Record(-1, 1, KEY),
+        PutIndirect("x", 1, "ABCD" * 16),  # not lowercase
+        PutIndirect("x", 1, "ab"),
+        Indirect("", ()),
+        Indirect("u", (("X-Evil", "a\r\nHost: b"),)),
+        Indirect("u", (("bad name", "v"),)),
+        IndirectDone("a\tb"),
     ],
     ids=repr,
 )
@@ -708,6 +739,24 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(ConnectDone, _nat),
     st.just(NotifyChange()),
     st.builds(Changed, _uuids),
+    st.builds(Extensions, _uuids),
+    st.builds(CheckObject, _token),
+    st.builds(PutObject, _token, _nat),
+    st.builds(GetObject, _token),
+    st.builds(Record, _nat, _nat, _keys),
+    st.builds(PutIndirect, _token, _nat, st.from_regex("[0-9a-f]{64}", fullmatch=True)),
+    st.builds(
+        Indirect,
+        _token,
+        st.lists(
+            st.tuples(
+                st.from_regex("[A-Za-z0-9-]{1,10}", fullmatch=True),
+                st.from_regex("([!-~]([ -~]{0,8}[!-~])?)?", fullmatch=True),
+            ),
+            max_size=3,
+        ).map(tuple),
+    ),
+    st.builds(IndirectDone, _token),
     st.builds(
         Error,
         st.text(st.characters(exclude_categories=["Cs"]), max_size=30).filter(
@@ -798,3 +847,68 @@ def test_arbitrary_bytes_give_events_or_remote_error(
     except RemoteProtocolError:
         with pytest.raises(RemoteProtocolError):
             conn.next_event()
+
+
+# --- extension messages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("msg", "line"),
+    [
+        (Extensions(("annexproxy-objects", "annexproxy-indirect")),
+         "EXTENSIONS annexproxy-objects annexproxy-indirect"),
+        (Extensions(()), "EXTENSIONS"),
+        (PutObject("GPGHMACSHA1--ab", 7), "PUTOBJECT GPGHMACSHA1--ab 7"),
+        (Record(65536, 3, KEY), f"RECORD 65536 3 {K}"),
+        (Indirect("http://h/o?a=%2F", (("Content-Type", "a b"), ("x-s", "+/="))),
+         "INDIRECT http://h/o?a=%2F Content-Type=a+b&x-s=%2B%2F%3D"),
+        (Indirect("http://h/o", ()), "INDIRECT http://h/o "),
+    ],
+    ids=repr,
+)  # fmt: skip
+def test_serialize_extension_messages_exact(msg: Message, line: str) -> None:
+    assert serialize(msg) == (line + "\n").encode()
+    assert one(serialize(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"CHECKOBJECT",
+        b"CHECKOBJECT ",
+        b"CHECKOBJECT a b",
+        b"PUTOBJECT x",
+        b"PUTOBJECT x -1",
+        b"PUTOBJECT  5",
+        b"RECORD 1 x " + K.encode(),
+        b"RECORD 1 1",
+        b"PUTINDIRECT x 1 " + b"A" * 64,
+        b"PUTINDIRECT x 1 " + b"a" * 63,
+        b"INDIRECT u X-Evil=a%0D%0AHost%3A+b",  # CRLF smuggled in a header value
+        b"INDIRECT u a=b c=d",
+        b"INDIRECT u a=%FF",  # not UTF-8
+        b"INDIRECT u bad%20name=1",
+        b"INDIRECT  a=b",
+        b"INDIRECTDONE",
+    ],
+)
+def test_bad_extension_lines_are_unparsable(line: bytes) -> None:
+    assert one(line + b"\n") == Unparsable(line)
+
+
+def test_extension_exchange_byte_at_a_time() -> None:
+    name = "GPGHMACSHA1--" + "d" * 40
+    msgs: list[Message] = [
+        Extensions(("annexproxy-objects",)),
+        PutObject(name, 3),
+        PutFrom(0),
+        Data(3),
+    ]
+    stream = b"".join(serialize(m) for m in msgs) + b"xyz" + serialize(Valid())
+    stream += serialize(Record(0, 1, KEY)) + serialize(Data(len(name) + 1)) + name.encode()
+    stream += b"\n" + serialize(Success())
+    expected: list[Event] = [
+        *msgs, Body(b"xyz"), BodyEnd(), Valid(), Record(0, 1, KEY), Data(len(name) + 1),
+        Body(name.encode() + b"\n"), BodyEnd(), Success(), EOF,
+    ]  # fmt: skip
+    assert coalesce(feed(stream[i : i + 1] for i in range(len(stream)))) == expected

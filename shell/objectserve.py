@@ -1,0 +1,365 @@
+"""The `annexproxy-objects` and `annexproxy-indirect` P2P extensions on the proxy.
+
+A client that chunks and encrypts content itself (``objectclient.py``) hands the proxy the
+finished objects of a special remote; the proxy stores them as they are, under the names
+the client gives, and never sees plaintext or the cipher. Every name is checked
+(``specialformat.object_name``) before it reaches the storage. Then `RECORD` makes the
+proxy check that every object of the key is in the storage and log the chunks and the
+location; nothing is logged before all checks pass.
+
+With `annexproxy-indirect` (a storage that can presign uploads: S3) the bytes bypass the
+proxy: it answers `PUTINDIRECT` with a presigned URL for that one object, and on
+`INDIRECTDONE` checks the stored object's size and SHA-256 against what it presigned,
+removing it on a mismatch. Only names presigned in this session are accepted there.
+
+Wire format: HACKING.md, "P2P extensions".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from git_remote_annexproxy import chunks, p2p
+from git_remote_annexproxy.branch import current_clock
+from git_remote_annexproxy.crypto import Cipher, encrypted_key, mac_name
+from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.specialformat import Spool, object_name, plan
+from shell.front import FrontSession
+from shell.p2pserver import SessionEnd, warn
+from shell.speciallink import PIECE, SpecialLink
+from shell.specialstore import StorageError
+
+# Presigned URLs live this long (git config annexproxy.presignexpiry, seconds, at most a
+# day): long enough to start one chunk's upload, short enough to be useless later.
+DEFAULT_PRESIGN_EXPIRY = 900
+MAX_PRESIGN_EXPIRY = 86400
+# RECORD's list of names: at most this many bytes per object, and in all.
+MAX_NAME = 512
+MAX_RECORD_DATA = 64 << 20
+# Names presigned and not yet confirmed, per session.
+MAX_PENDING = 4096
+
+
+class Presigner(Protocol):
+    def presign_put(
+        self, name: str, size: int, sha256_hex: str, expires: int
+    ) -> tuple[str, dict[str, str]]: ...
+
+    async def stat(self, name: str) -> tuple[int, str | None] | None: ...
+
+
+@dataclass(frozen=True)
+class _Pending:
+    key: Key
+    size: int
+    sha256: str
+
+
+def offered(link: object) -> tuple[str, ...]:
+    """The extensions a session to this node can serve."""
+    if not isinstance(link, SpecialLink) or link.storage is None:
+        return ()
+    if _presigner(link) is None:
+        return (p2p.EXT_OBJECTS,)
+    return (p2p.EXT_OBJECTS, p2p.EXT_INDIRECT)
+
+
+def _presigner(link: SpecialLink) -> Presigner | None:
+    inner = link.storage.inner if link.storage is not None else None
+    if inner is None or not callable(getattr(inner, "presign_put", None)):
+        return None
+    if not callable(getattr(inner, "stat", None)):
+        return None
+    return inner  # type: ignore[return-value]  # checked just above, structurally
+
+
+class ObjectService:
+    """Serves the extension requests of one proxy session to one special remote."""
+
+    def __init__(self, front: FrontSession, link: SpecialLink, words: tuple[str, ...]) -> None:
+        assert link.storage is not None
+        self.front = front
+        self.link = link
+        self.storage = link.storage
+        self.words = frozenset(words)
+        self.presigner = _presigner(link) if p2p.EXT_INDIRECT in words else None
+        self.pending: dict[str, _Pending] = {}
+        value = front.repo.config.get("annexproxy.presignexpiry") or ""
+        expiry = int(value) if value.isdigit() else DEFAULT_PRESIGN_EXPIRY
+        self.expiry = max(1, min(expiry, MAX_PRESIGN_EXPIRY))
+
+    def serves(self, event: p2p.Event) -> bool:
+        if isinstance(event, p2p.PutIndirect | p2p.IndirectDone):
+            return self.presigner is not None
+        kinds = p2p.CheckObject | p2p.PutObject | p2p.GetObject | p2p.Record
+        return isinstance(event, kinds) and p2p.EXT_OBJECTS in self.words
+
+    async def handle(self, event: p2p.Event) -> None:
+        try:
+            match event:
+                case p2p.CheckObject(name):
+                    key = await self._name(name)
+                    if key is not None:
+                        ok = await self.storage.present(key)
+                        await self.front.send(p2p.Success() if ok else p2p.Failure())
+                case p2p.PutObject(name, size):
+                    await self.put_object(name, size)
+                case p2p.GetObject(name):
+                    await self.get_object(name)
+                case p2p.Record(chunk_size, count, key):
+                    await self.record(chunk_size, count, key)
+                case p2p.PutIndirect(name, size, sha256):
+                    await self.put_indirect(name, size, sha256)
+                case p2p.IndirectDone(name):
+                    await self.indirect_done(name)
+        except (StorageError, OSError) as exc:
+            await self.front.send(p2p.Error(f"proxied special remote reports: {exc}"))
+
+    async def _name(self, name: str) -> Key | None:
+        key = object_name(name, self.link.mac) if len(name) <= MAX_NAME else None
+        if key is None:
+            await self.front.send(p2p.Error("bad object name"))
+        return key
+
+    # -- objects through the proxy -----------------------------------------------------------
+
+    async def put_object(self, name: str, size: int) -> None:
+        if await self.front.refuse_write(removal=False):
+            return
+        key = await self._name(name)
+        if key is None:
+            return
+        if await self.storage.present(key):
+            await self.front.send(p2p.AlreadyHave())
+            return
+        await self.front.send(p2p.PutFrom(0))
+        event = await self.front.event()
+        if isinstance(event, p2p.DataPresent):
+            await self.front.send(p2p.Failure())  # nothing of it was ever sent
+            return
+        if not isinstance(event, p2p.Data):
+            await self.front.send(p2p.Error("expected DATA"))
+            raise SessionEnd(1, "client sent no DATA after PUT-FROM")
+        spool = self.link.new_spool()
+        try:
+            error = await self._spool_body(spool)
+            valid = await self.front.client_validity()
+            if error is not None:
+                raise error
+            if valid is False or spool.size != size or event.length != size:
+                await self.front.send(p2p.Failure())
+                return
+            with trio.CancelScope(shield=True):  # each write step is bounded by the storage
+                await self.storage.store(key, spool.read_range(0, spool.size))
+            await self.front.send(p2p.Success())
+        finally:
+            self.link.drop_spool(spool)
+
+    async def _spool_body(self, spool: Spool) -> OSError | None:
+        """Take the DATA payload into ``spool``; a write error is kept until the end
+        (an ERROR in the middle of the payload would be read as payload)."""
+        pending = bytearray()
+        error: OSError | None = None
+        while not isinstance(event := await self.front.event(), p2p.BodyEnd):
+            assert isinstance(event, p2p.Body)
+            pending += event.data
+            if len(pending) >= PIECE or error is not None:
+                data, pending = bytes(pending), bytearray()
+                if error is None:
+                    try:
+                        await trio.to_thread.run_sync(spool.append, data)
+                    except OSError as exc:
+                        error = exc
+        if pending and error is None:
+            try:
+                await trio.to_thread.run_sync(spool.append, bytes(pending))
+            except OSError as exc:
+                error = exc
+        return error
+
+    async def get_object(self, name: str) -> None:
+        key = await self._name(name)
+        if key is None:
+            return
+        if not await self.storage.present(key):
+            await self.front.send(p2p.Failure())
+            return
+        fd = await self.storage.open_local(key)
+        spool: Spool | None = None
+        try:
+            if fd is None:
+                spool = self.link.new_spool()
+                async with contextlib.aclosing(self.storage.retrieve(key)) as it:
+                    async for piece in it:
+                        await trio.to_thread.run_sync(spool.append, piece)
+                source = spool
+            else:
+                source = Spool(fd, os.fstat(fd).st_size)
+            await self.front.send(p2p.Data(source.size))
+            ok = await self._send_range(source)
+            if self.front.v >= 1:
+                await self.front.send(p2p.Valid() if ok else p2p.Invalid())
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if spool is not None:
+                self.link.drop_spool(spool)
+
+    async def _send_range(self, source: Spool) -> bool:
+        sent, ok = 0, True
+        try:
+            async with contextlib.aclosing(source.read_range(0, source.size)) as it:
+                async for piece in it:
+                    await self.front.channel.send_raw(piece)
+                    sent += len(piece)
+        except (StorageError, OSError) as exc:
+            warn(f"  proxied special remote reports: {exc}")
+            ok = False
+        while sent < source.size:  # DATA promised this many bytes: keep the framing
+            n = min(PIECE, source.size - sent)
+            await self.front.channel.send_raw(bytes(n))
+            sent += n
+        return ok
+
+    # -- recording -----------------------------------------------------------------------------
+
+    async def record(self, chunk_size: int, count: int, key: Key) -> None:
+        names = await self._record_names(count)
+        if await self.front.refuse_write(removal=False):
+            return
+        problem = self._check_record(chunk_size, count, key, names)
+        if problem is None:
+            for obj in names or ():
+                if not await self.storage.present(obj):
+                    problem = f"object {obj} is not in the special remote"
+                    break
+        if problem is not None:
+            warn(f"  RECORD {key}: {problem}")
+            await self.front.send(p2p.Failure())
+            return
+        if chunk_size:
+            clock = current_clock()
+            uuid = self.link.uuid
+            await trio.to_thread.run_sync(
+                self.link.branch.change,
+                chunks.chunk_log_path(key),
+                lambda old: chunks.record_chunks(old, uuid, chunk_size, count, clock),
+            )
+        self.front.log_present(key, [self.link.uuid], present=True)
+        await self.front.send(p2p.Success())
+
+    async def _record_names(self, count: int) -> list[Key] | None:
+        """The DATA after RECORD: one object name per line (None if unusable). Always
+        consumed whole, so the session stays in step whatever the answer."""
+        event = await self.front.event()
+        if not isinstance(event, p2p.Data):
+            await self.front.send(p2p.Error("expected DATA after RECORD"))
+            raise SessionEnd(1, "client sent no DATA after RECORD")
+        limit = min(MAX_RECORD_DATA, count * (MAX_NAME + 1))
+        data = bytearray()
+        while not isinstance(event := await self.front.event(), p2p.BodyEnd):
+            assert isinstance(event, p2p.Body)
+            if len(data) + len(event.data) <= limit:
+                data += event.data
+            else:
+                limit = -1  # too long: read to the end, then refuse
+        if limit < 0 or (data and not data.endswith(b"\n")):
+            return None
+        keys: list[Key] = []
+        for line in bytes(data).split(b"\n")[:-1]:
+            key = object_name(line.decode("utf-8", "surrogateescape"), self.link.mac)
+            if key is None:
+                return None
+            keys.append(key)
+        return keys
+
+    def _check_record(
+        self, chunk_size: int, count: int, key: Key, names: list[Key] | None
+    ) -> str | None:
+        if names is None:
+            return "bad object names"
+        if key.chunk_num is not None or key.chunk_size is not None:
+            return "a chunk key cannot be recorded"
+        if len(names) != count or len(set(names)) != count or count == 0:
+            return "wrong number of objects"
+        if chunk_size == 0:
+            expected_count = 1
+        elif not chunks.is_stable(key):
+            return "this key is never chunked"
+        else:
+            expected_count = chunks.chunk_count(key.size or 0, chunk_size)
+        if key.size is not None and count != expected_count:
+            return "wrong number of objects for the key's size"
+        expected = self._expected_names(key, chunk_size, count)
+        if expected is not None and expected != names:
+            return "object names do not belong to the key"
+        return None
+
+    def _expected_names(self, key: Key, chunk_size: int, count: int) -> list[Key] | None:
+        """The names the objects must have, when the proxy can know them without a
+        secret: plain keys, or MACs with a cipher remote.log holds in the clear."""
+        if chunk_size and key.size is None:
+            pieces = chunks.chunk_keys(key, chunk_size, count)
+        else:
+            pieces = [k for k, _, _ in plan(key, key.size or 0, chunk_size or None)[1]]
+        stored = self.link.stored
+        if stored is None:
+            return pieces
+        if stored.encrypted:
+            return None  # hybrid/pubkey: the proxy does not decrypt the cipher for this
+        cipher = Cipher(stored.data, stored.method == "sharedpubkey")
+        mac = mac_name(self.link.remote.special or {})
+        return [encrypted_key(cipher, mac, k) for k in pieces]
+
+    # -- indirect uploads --------------------------------------------------------------------------
+
+    async def put_indirect(self, name: str, size: int, sha256: str) -> None:
+        if await self.front.refuse_write(removal=False):
+            return
+        key = await self._name(name)
+        if key is None:
+            return
+        assert self.presigner is not None
+        if await self.storage.present(key):
+            await self.front.send(p2p.AlreadyHave())
+            return
+        if len(self.pending) >= MAX_PENDING:
+            await self.front.send(p2p.Failure())
+            return
+        url, headers = await trio.to_thread.run_sync(
+            self.presigner.presign_put, str(key), size, sha256, self.expiry
+        )
+        self.pending[str(key)] = _Pending(key, size, sha256)
+        await self.front.send(p2p.Indirect(url, tuple(headers.items())))
+
+    async def indirect_done(self, name: str) -> None:
+        pending = self.pending.pop(name, None)
+        if pending is None:
+            await self.front.send(p2p.Error("no upload of that object was presigned"))
+            return
+        assert self.presigner is not None
+        found = await self.presigner.stat(str(pending.key))
+        if found is not None and found[0] == pending.size:
+            digest = found[1] or await self._digest(pending.key)
+            if digest == pending.sha256:
+                await self.front.send(p2p.Success())
+                return
+        if found is not None:
+            warn(f"  {name}: stored object does not match what was presigned; removed")
+            with contextlib.suppress(StorageError):
+                await self.storage.remove(pending.key)
+        await self.front.send(p2p.Failure())
+
+    async def _digest(self, key: Key) -> str:
+        """SHA-256 of a stored object, read back (a storage that reports none)."""
+        h = hashlib.sha256()
+        async with contextlib.aclosing(self.storage.retrieve(key)) as it:
+            async for piece in it:
+                h.update(piece)
+        return h.hexdigest()
