@@ -76,6 +76,7 @@ show() {
     case $1 in
         client) who="client" ;;
         admin) who="server admin" ;;
+        bare_client) who="client without git-annex" ;;
     esac
     if [ -n "$who" ]; then
         printf '   [%s]$' "$who"
@@ -304,6 +305,59 @@ scenario_proxy() {
     (cd "$work" && show client git annex whereis big.bin)
 
     passed "proxy: $(wc -l <"$work.sha256") files ($BIG_MIB MiB the largest) through $shell_name as a proxy and cluster gateway to two nodes, dropped, got back from the cluster, hashes match"
+
+    scenario_nogitannex "$proxy" "$work"
+}
+
+# Run a command as a client that has no git-annex at all: only git, ssh and our two programs.
+bare_client() {
+    local only="$world/annexproxy-only"
+    if [ ! -d "$only" ]; then
+        mkdir -p "$only"
+        ln -s "$venv/bin/git-annexproxy" "$venv/bin/git-remote-annexproxy" "$only/"
+    fi
+    env -i \
+        HOME="$world/home-client" USER="${USER:-demo}" LANG=C.UTF-8 LC_ALL=C.UTF-8 TZ=UTC \
+        PATH="$world/bin:$only:/usr/bin:/bin" GIT_CONFIG_NOSYSTEM=1 \
+        FAKESSH_MODE="${FAKESSH_MODE:-forced}" \
+        FAKESSH_SERVER_ENV="${FAKESSH_SERVER_ENV:-}" \
+        FAKESSH_SERVER_HOME="$world/home-server" \
+        FAKESSH_SERVER_PATH="$world/bin:$world/srvbin:$venv/bin:/usr/bin:/bin" \
+        FAKESSH_LOG="$world/ssh.jsonl" \
+        "$@"
+}
+
+# The same proxy, from a clone made by git-remote-annexproxy on a client without git-annex:
+# it annexes new files itself, pushes, uploads them to the cluster and gets content back.
+scenario_nogitannex() {
+    local proxy=$1 work=$2 light="$world/cli/light"
+    step "client without git-annex: git clone annexproxy::ssh://... and see what is behind it"
+    ! bare_client sh -c 'command -v git-annex' >/dev/null || fail "git-annex is on the light client's PATH"
+    (cd "$work" && show client git push --quiet origin main)
+    show bare_client git clone --quiet "annexproxy::ssh://localhost$proxy" "$light"
+    (cd "$light" && show bare_client git annexproxy info)
+
+    step "client without git-annex: git annexproxy get (content from the cluster)"
+    (cd "$light" && show bare_client git annexproxy get -J 2 .)
+    cmp -s "$light/big.bin" "$work/big.bin" || fail "big.bin differs after git annexproxy get"
+
+    step "client without git-annex: git annexproxy add, commit, push, copy --to the cluster"
+    mkdir -p "$light/results"
+    printf 'measured on the light client\n' >"$light/results/summary.txt"
+    head -c $((2 * 1024 * 1024)) /dev/urandom >"$light/results/raw.bin"
+    (cd "$light" && show bare_client git annexproxy add results &&
+        show bare_client git commit --quiet -m "results" &&
+        show bare_client git push --quiet origin HEAD:main &&
+        show bare_client git annexproxy copy --to origin-demo results)
+
+    step "the real git-annex client pulls and gets the light client's files from the cluster"
+    (cd "$work" && show client git fetch --quiet origin &&
+        show client git merge --quiet --ff-only origin/main &&
+        show client git annex get --from origin-demo results)
+    cmp -s "$light/results/raw.bin" "$work/results/raw.bin" || fail "results/raw.bin differs"
+    note "results/ arrived byte for byte through the cluster"
+
+    passed "no git-annex on the client: clone through the proxy, get from the cluster, add + push + copy --to the cluster; the real git-annex got those files back"
 }
 
 # -- main -------------------------------------------------------------------------------------
