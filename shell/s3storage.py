@@ -12,11 +12,8 @@ places objects, so that git-annex reading the same bucket agrees:
   set, else the region the ``aws`` library derives from the endpoint (the host name itself
   for a non-AWS host); ``storageclass`` and ``x-amz-meta-*`` headers on every PUT.
 
-Credentials, in git-annex's order (``Creds.hs getRemoteCredPair``): the environment
-(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``), the file
-git-annex caches them in (``annex/creds/<uuid>``, when the repository is known), then
-``s3creds=`` embedded in remote.log (base64, gpg-encrypted with the remote's cipher when
-the remote is encrypted).
+Credentials: `shell.s3creds.CredentialSource`, looked up (git-annex's order) on the first
+request and cached.
 
 HTTP: ``http.client`` run in worker threads rather than an HTTP/1.1 client of our own on
 trio sockets: it is the standard library's tested parser (chunked bodies, header limits,
@@ -37,28 +34,20 @@ import datetime
 import functools
 import hashlib
 import http.client
-import os
 import re
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import trio
 
 from git_remote_annexproxy import s3sign
-from git_remote_annexproxy.crypto import (
-    Cipher,
-    CryptoConfigError,
-    Gpg,
-    GpgError,
-    decrypt_cipher,
-    stored_cipher,
-)
+from git_remote_annexproxy.crypto import Gpg
 from git_remote_annexproxy.keys import Key
+from shell.s3creds import CredentialSource
 from shell.specialstore import ObjectMissing, SpecialStorage, StorageError
 
 # A stream is sent as one PUT up to this size, else in parts of this size (S3's minimum
@@ -67,12 +56,8 @@ PART_SIZE = 8 << 20
 READ_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 60.0
 AWS_HOST = "s3.amazonaws.com"
-CREDS_FIELD = "s3creds"
-ENV_ID, ENV_SECRET, ENV_TOKEN = "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
-MISSING_CREDS = f"no S3 credentials: set both {ENV_ID} and {ENV_SECRET} to use S3"
 _IDLE_CONNECTIONS = 4
 _ERROR_BODY = 1 << 16
-_UUID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _T = TypeVar("_T")
 
 
@@ -172,96 +157,6 @@ def _extract_region(host: str) -> str:
         return "us-east-1"
     m = re.fullmatch(r"s3(?:\.dualstack\.|-|\.)(.+?)\.amazonaws\.com", host)
     return m.group(1) if m else host
-
-
-# --- credentials ------------------------------------------------------------------------------
-
-
-@dataclass
-class CredentialSource:
-    """Where this remote's credentials may be found (git-annex's order)."""
-
-    uuid: str
-    fields: Mapping[str, str]
-    gitdir: Path | None = None
-    gpg: Gpg = field(default_factory=Gpg)
-    timeout: float = DEFAULT_TIMEOUT
-
-    def find(self) -> s3sign.Credentials:
-        """Blocking (it may run gpg): call it in a worker thread."""
-        token = os.environ.get(ENV_TOKEN) or None
-        key_id, secret = os.environ.get(ENV_ID), os.environ.get(ENV_SECRET)
-        if key_id and secret:
-            return s3sign.Credentials(key_id, secret, token)
-        pair = self._from_file() or self._from_remote_log()
-        if pair is None:
-            raise StorageError(MISSING_CREDS)
-        return s3sign.Credentials(pair[0], pair[1], token)
-
-    def _from_file(self) -> tuple[str, str] | None:
-        if self.gitdir is None or not _UUID_RE.fullmatch(self.uuid):
-            return None
-        path = self.gitdir / "annex" / "creds" / self.uuid
-        try:
-            with open(path, "rb") as fh:
-                return _decode_pair(fh.read(_ERROR_BODY))
-        except OSError:
-            return None
-
-    def _from_remote_log(self) -> tuple[str, str] | None:
-        value = self.fields.get(CREDS_FIELD)
-        if not value:
-            return None
-        try:
-            data = base64.b64decode(value, validate=True)
-            stored = stored_cipher(dict(self.fields))
-        except (binascii.Error, CryptoConfigError) as exc:
-            raise StorageError(f"unusable embedded S3 credentials: {exc}") from None
-        if stored is None:
-            return _decode_pair(data) or _bad_creds()
-        try:
-            cipher = decrypt_cipher(self.gpg, stored, self.timeout)
-            return _decode_pair(_gpg_decrypt(self.gpg, cipher, data, self.timeout)) or _bad_creds()
-        except GpgError as exc:
-            if stored.method != "shared":
-                raise StorageError(f"cannot decrypt the embedded S3 credentials: {exc}") from None
-            # Creds.hs: old git-annex stored them unencrypted despite a shared cipher.
-            return _decode_pair(data) or _bad_creds()
-
-
-def _decode_pair(data: bytes) -> tuple[str, str] | None:
-    """Creds.hs decodeCredPair: exactly two lines, login and secret."""
-    lines = data.decode("utf-8", "surrogateescape").splitlines()
-    return (lines[0], lines[1]) if len(lines) == 2 and lines[0] and lines[1] else None
-
-
-def _bad_creds() -> NoReturn:
-    raise StorageError("bad embedded S3 credentials")
-
-
-def _gpg_decrypt(gpg: Gpg, cipher: Cipher, data: bytes, timeout: float) -> bytes:
-    """Decrypt a small message with the cipher, the passphrase on a pipe as crypto.py
-    gives it to gpg (never argv or the environment)."""
-    rfd: int | None = None
-    try:
-        if cipher.passphrase is not None:
-            rfd, wfd = os.pipe()
-            try:
-                os.write(wfd, cipher.passphrase + b"\n")
-            finally:
-                os.close(wfd)
-        done = subprocess.run(
-            gpg.decrypt_argv(cipher, rfd), input=data, capture_output=True, timeout=timeout,
-            pass_fds=() if rfd is None else (rfd,), check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise GpgError(f"cannot run gpg: {exc}") from None
-    finally:
-        if rfd is not None:
-            os.close(rfd)
-    if done.returncode != 0:
-        raise GpgError(done.stderr[-512:].decode("utf-8", "replace").strip() or "gpg failed")
-    return done.stdout
 
 
 # --- HTTP ---------------------------------------------------------------------------------------

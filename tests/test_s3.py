@@ -1,5 +1,6 @@
-"""The S3 special remote behind our proxy (shell/s3storage.py), against moto's standalone
-S3 server (tests/s3server.py) and real git-annex 10.20261026 with S3 support.
+"""The S3 special remote behind our proxy (shell/s3storage.py, its credentials
+shell/s3creds.py), against moto's standalone S3 server (tests/s3server.py) and real
+git-annex 10.20261026 with S3 support.
 
 * the storage alone: layout settings read as git-annex reads them, store/retrieve/
   present/remove, multipart for streams larger than a part, failures leave nothing,
@@ -37,8 +38,9 @@ from s3server import MotoServer, moto_server
 
 from git_remote_annexproxy import chunks
 from git_remote_annexproxy.keys import Key
-from shell import s3storage
-from shell.s3storage import CredentialSource, S3Config, S3ConfigError, S3Storage
+from shell import s3creds, s3storage
+from shell.s3creds import CredentialSource
+from shell.s3storage import S3Config, S3ConfigError, S3Storage
 from shell.specialstore import ObjectMissing, StorageError
 
 MiB = 1 << 20
@@ -92,12 +94,12 @@ def pending_uploads(server: MotoServer, bucket: str) -> int:
 def test_settings_as_git_annex_reads_them() -> None:
     aws = S3Config.from_fields({"bucket": "MyBucket"})
     assert (aws.bucket, aws.host, aws.port, aws.https, aws.region, aws.path_style) == (
-        "mybucket", "s3.amazonaws.com", 80, False, "us-east-1", False)
+        "mybucket", "s3.amazonaws.com", 80, False, "us-east-1", False)  # fmt: skip
     assert aws.host_header == "mybucket.s3.amazonaws.com"
     assert aws.object_path("K") == "/K"
     eu = S3Config.from_fields({"bucket": "b", "datacenter": "EU", "protocol": "https"})
     assert (eu.host, eu.port, eu.https, eu.region) == (
-        "s3-eu-west-1.amazonaws.com", 443, True, "eu-west-1")
+        "s3-eu-west-1.amazonaws.com", 443, True, "eu-west-1")  # fmt: skip
     west = S3Config.from_fields({"bucket": "b", "datacenter": "us-west-2", "port": "443"})
     assert (west.host, west.https, west.region) == ("s3-us-west-2.amazonaws.com", True, "us-west-2")
     # A non-AWS host without region=: the aws library signs for the host name itself.
@@ -105,7 +107,7 @@ def test_settings_as_git_annex_reads_them() -> None:
                                   "signature": "v4", "requeststyle": "path",
                                   "fileprefix": "p/"})  # fmt: skip
     assert (other.region, other.host_header, other.object_path("p/K")) == (
-        "minio.example", "minio.example:9000", "/b/p/K")
+        "minio.example", "minio.example:9000", "/b/p/K")  # fmt: skip
     assert other.url("/b/p/K $") == "http://minio.example:9000/b/p/K%20%24"
     assert ("x-amz-storage-class", "STANDARD") in other.headers
     for bad in ({"bucket": "b", "host": "h"},  # v2 by default for a non-AWS host
@@ -205,7 +207,7 @@ async def test_missing_credentials_is_one_clear_line(
     storage = S3Storage.from_remote(UUID, s3_fields(moto, "whatever"), {})
     with pytest.raises(StorageError) as info:
         await storage.present(Key.parse("SHA256E-s1--" + "e" * 64))
-    assert str(info.value) == s3storage.MISSING_CREDS
+    assert str(info.value) == s3creds.MISSING_CREDS
     assert "AWS_ACCESS_KEY_ID" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -262,7 +264,7 @@ async def test_presigned_put_and_stat(moto: MotoServer, creds_env: None) -> None
     assert query["X-Amz-SignedHeaders"] == [
         "content-length;host;x-amz-checksum-sha256;x-amz-sdk-checksum-algorithm;"
         "x-amz-storage-class"
-    ]
+    ]  # fmt: skip
     assert SECRET not in url and KEY_ID in url
     assert headers["Content-Length"] == str(len(body))
     assert base64.b64decode(headers["x-amz-checksum-sha256"]).hex() == digest
@@ -514,7 +516,7 @@ def test_embedded_credentials_and_missing_ones_through_the_proxy(world: World) -
     failed = world.client_run("git", "annex", "copy", "--to", "origin-s3flat", "nocreds.bin",
                               env=env, check=False)  # fmt: skip
     assert failed.returncode != 0
-    assert s3storage.MISSING_CREDS in failed.stdout + failed.stderr
+    assert s3creds.MISSING_CREDS in failed.stdout + failed.stderr
     assert str(key) not in "".join(world.objects("s3flat"))
     hidden.rename(cached)
     world.client_run("git", "annex", "copy", "-q", "--to", "origin-s3flat", "nocreds.bin",
