@@ -47,6 +47,7 @@ __all__ = [
     "associated_file_path",
     "is_cluster_uuid",
     "parse",
+    "parse_trust_log",
 ]
 
 
@@ -839,6 +840,17 @@ def parse_map_log(text: str) -> dict[str, str]:
     return _newest(entries)
 
 
+# Logs/Trust/Basic.hs: one character per repository; anything else is semitrusted.
+_TRUST_CHARS = {"1": TrustLevel.TRUSTED, "0": TrustLevel.UNTRUSTED, "X": TrustLevel.DEAD}
+
+
+def parse_trust_log(text: str) -> dict[str, TrustLevel]:
+    """``trust.log`` (``UUID LEVEL timestamp=T`` lines, newest per UUID): the repositories
+    whose level is not semitrusted."""
+    newest = parse_old_log(text)
+    return {u: _TRUST_CHARS[v.strip()] for u, v in newest.items() if v.strip() in _TRUST_CHARS}
+
+
 @dataclass(frozen=True)
 class RepoPolicy:
     """Preferred/required content, groups and group expressions from the git-annex branch."""
@@ -847,6 +859,10 @@ class RepoPolicy:
     required: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     groupwanted: Mapping[str, str] = field(default_factory=dict)
+    #: trust.log: what ``context`` uses unless told otherwise. Copies are counted with it
+    #: (an untrusted holder is no copy for ``lackingcopies`` and the balanced family, a dead
+    #: one no location at all), so a caller that leaves it out counts too many copies.
+    trust: Mapping[str, TrustLevel] = field(default_factory=dict)
 
     @classmethod
     def from_logs(
@@ -855,9 +871,10 @@ class RepoPolicy:
         group: str = "",
         group_preferred_content: str = "",
         required_content: str = "",
+        trust_log: str = "",
     ) -> RepoPolicy:
         """From the contents of ``preferred-content.log``, ``group.log``,
-        ``group-preferred-content.log`` and ``required-content.log``."""
+        ``group-preferred-content.log``, ``required-content.log`` and ``trust.log``."""
         groups = {
             u: frozenset(g for g in v.split(" ") if g) for u, v in parse_old_log(group).items()
         }
@@ -866,6 +883,7 @@ class RepoPolicy:
             required=parse_old_log(required_content),
             groups=groups,
             groupwanted=parse_map_log(group_preferred_content),
+            trust=parse_trust_log(trust_log),
         )
 
     def wanted_expr(self, uuid: str) -> str | None:
@@ -908,7 +926,8 @@ class RepoPolicy:
         preferreddir: str = "public",
         sizes: RepoSizes | None = None,
     ) -> MatchContext:
-        """A MatchContext asking about ``uuid``, with this policy's groups."""
+        """A MatchContext asking about ``uuid``, with this policy's groups (and its trust
+        levels unless ``trust`` is given)."""
         return MatchContext(
             sizes=sizes or RepoSizes(),
             key=key,
@@ -916,7 +935,7 @@ class RepoPolicy:
             this_uuid=uuid,
             present_uuids=present_uuids,
             groups=self.groups,
-            trust=trust or {},
+            trust=self.trust if trust is None else trust,
             numcopies=numcopies,
             groupwanted=self.groupwanted,
             preferreddir=preferreddir,

@@ -54,6 +54,7 @@ class Placement:
             group=_text(branch, "group.log"),
             group_preferred_content=_text(branch, "group-preferred-content.log"),
             required_content=_text(branch, "required-content.log"),
+            trust_log=_text(branch, "trust.log"),
         )
         numcopies = 1
         for line in _text(branch, "numcopies.log").splitlines():
