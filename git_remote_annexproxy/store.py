@@ -1,9 +1,12 @@
-"""The annex object store of one repository, laid out and locked exactly as git-annex does.
+"""The annex object store of one repository, laid out exactly as git-annex does.
 
 Synchronous and filesystem-only: the p2pstdio server calls it directly, so every call is a
 handful of system calls (hashing a resumed partial is the one exception, see `Receive`).
 Checked against git-annex 10.20261026 (``Annex/Locations.hs``, ``Annex/Content.hs``,
 ``Logs/Transfer.hs`` and observation of the binary; ``tests/test_store.py`` is the oracle).
+The state kept beside objects has its own modules: content locks and lock retention in
+`contentlock`, transfer info in `transferinfo`; the symlink-safe filesystem calls are in
+`storefs`, lock files in `lockfile`.
 
 On-disk state handled here, relative to GITDIR (a bare repository, or WORKTREE/.git):
 
@@ -12,37 +15,19 @@ On-disk state handled here, relative to GITDIR (a bare repository, or WORKTREE/.
   otherwise, and both are searched, like git-annex. Object file mode 0444, key directory
   0555 ("frozen"); hash directories are plain (0777 minus umask). The key directory is
   thawed (u+w) for every change in it and frozen again after.
-* content lock ``<object>.lck`` (v10 repositories): fcntl shared = LOCKCONTENT or sending,
-  exclusive = removal. The file is deleted by whoever ends up holding it exclusively.
-* lock retention ``<object>.rtm`` = POSIX time as git-annex shows it (``1795563163.808174719s``,
-  no newline), written atomically under an exclusive lock on ``<object>.rtl``. Removal is
-  refused while that time is in the future.
 * partial ``annex/tmp/<keyfile>``: its size is the PUT-FROM offset.
-* transfer info ``annex/transfer/<direction>/<uuid>/<keyfile>`` (+ ``lck.<keyfile>``), and the
-  key-wide download lock ``annex/transfer/download/lck/lck.<keyfile>`` that git-annex (since
-  10.20240227) takes for every download into the repository; real git-annex-shell answers a
-  PUT with "transfer already in progress" while it is held.
 
 Safety rules:
 
-* Every path is walked from GITDIR one component at a time with ``O_NOFOLLOW`` and the
-  ``*at`` calls, so a symlink anywhere under ``annex/`` (a symlinked ``objects`` directory,
-  hash directory, key directory, object or partial) is never followed: lookups treat it as
-  absent, writes refuse it. Components come only from `Key.keyfile` and `Key.hashdir_*`, and
-  are re-checked (`_component`) to be single names, so nothing is created outside
-  ``GITDIR/annex``. GITDIR itself is the administrator's path and may contain symlinks.
-* Locks are Linux open-file-description locks (``F_OFD_SETLK``). They conflict with the
-  classic fcntl locks git-annex takes, and unlike those they belong to one open file, not to
-  the process: closing some other descriptor of the same file does not drop them, and two
-  locks taken in this process conflict like two processes' would.
+* No symlink under ``annex/`` is ever followed, and nothing is created outside
+  ``GITDIR/annex`` (see `storefs`).
 * Object commit: write the partial, verify size and hash, fsync it, make it 0444, rename it
   into the key directory, fsync that directory (and any directory just created), and only
   then return True, after which the caller answers SUCCESS and logs the location. A SIGKILL
   at any point leaves either no object or a complete one, plus perhaps a resumable partial.
 
-Not handled: ``core.sharedRepository`` (modes follow the umask, as in an unshared repository),
-``annex.freezecontent-command`` hooks, pre-v10 repositories (they lock the object file itself),
-and the failed-transfer log (``annex/transfer/failed``), which is informational.
+Not handled: ``core.sharedRepository`` (modes follow the umask, as in an unshared repository)
+and ``annex.freezecontent-command`` hooks.
 """
 
 from __future__ import annotations
@@ -50,201 +35,38 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import secrets
 import stat
-import struct
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Literal, TypeVar
+from typing import BinaryIO
 
+from git_remote_annexproxy.contentlock import (
+    RETENTION_SECONDS,
+    ContentLocked,
+    SharedLocks,
+    remove_locked,
+    write_retention,
+)
 from git_remote_annexproxy.keys import Key, Verifier
+from git_remote_annexproxy.lockfile import release_exclusive, try_lock_file
+from git_remote_annexproxy.storefs import ABSENT, in_thawed, open_dir, open_regular, unlink_quiet
+from git_remote_annexproxy.transferinfo import (
+    DOWNLOAD_LOCKS,
+    Direction,
+    TransferInfo,
+    TransferInProgress,
+    record_transfer,
+)
 
-RETENTION_SECONDS = 600.0  # what git-annex writes for a LOCKCONTENT (observed: now + 600 s)
+# Part of AnnexStore's interface (raised by its methods, or its arguments), so importable
+# from here too.
+__all__ = ["AnnexStore", "ContentLocked", "Direction", "Receive", "TransferInProgress"]
 
-Direction = Literal["upload", "download"]
-T = TypeVar("T")
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK keeps a FIFO planted in the store from blocking the open; it does nothing to
-# regular files, the only kind we go on to use.
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-# errnos meaning "no such object here" on a lookup: ELOOP/ENOTDIR are what O_NOFOLLOW and
-# O_DIRECTORY give for a symlink, ENAMETOOLONG is a key too long to be stored at all, and
-# EINVAL is our own refusal of an unsafe name or of something that is not a regular file.
-_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL})
 _READ_CHUNK = 1 << 20
-
-
-class ContentLocked(Exception):
-    """The content is locked by someone else, or retained (``.rtm``) until a later time."""
-
-
-class TransferInProgress(Exception):
-    """Another process (or another Receive/transfer here) holds this transfer's lock."""
-
-
-def _component(name: str) -> str:
-    """Check that a name built from untrusted input is exactly one path component."""
-    if not name or name in {".", ".."} or "/" in name or "\0" in name:
-        raise OSError(errno.EINVAL, f"unsafe path component {name[:64]!r}")
-    return name
-
-
-# -- locks -------------------------------------------------------------------------------
-
-_OFD = sys.platform == "linux" and struct.calcsize("P") == 8
-# struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid, padded to 32 bytes. Start 0 + length 0 = the whole file, as git-annex locks.
-_FLOCK = "hhqqi4x"
-
-
-def _lock(fd: int, ltype: int, *, wait: bool = False) -> bool:
-    """Take (or convert to) a whole-file lock; False if another holder conflicts."""
-    try:
-        if sys.platform == "linux" and _OFD:
-            cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
-            fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, ltype, os.SEEK_SET, 0, 0, 0))
-        else:  # pragma: no cover - classic per-process locks: a lesser fallback
-            op = fcntl.LOCK_EX if ltype == fcntl.F_WRLCK else fcntl.LOCK_SH
-            fcntl.lockf(fd, op if wait else op | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in {errno.EAGAIN, errno.EACCES}:
-            return False
-        raise
-    return True
-
-
-def _others_hold(fd: int) -> bool:
-    """Does anyone but the lock held through `fd` hold a lock on its file?"""
-    if sys.platform == "linux" and _OFD:
-        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        ltype = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0]
-        return bool(ltype != fcntl.F_UNLCK)
-    return True  # pragma: no cover - cannot tell: assume so (retention then just expires)
-
-
-def _open_regular(dirfd: int, name: str, flags: int, mode: int = 0o666) -> int:
-    """Open `name` in `dirfd` without following a symlink; refuse anything but a file."""
-    fd = os.open(_component(name), flags | _FILE_FLAGS, mode, dir_fd=dirfd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"{name[:64]!r} is not a regular file")
-    os.set_blocking(fd, True)
-    return fd
-
-
-def _same_file(dirfd: int, name: str, fd: int) -> bool:
-    """git-annex's checkSaneLock: is `name` still the file we locked through `fd`?
-
-    An unlocker deletes the lock file once it holds it exclusively, so a lock taken on a
-    file opened just before that deletion protects nothing.
-    """
-    try:
-        now = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _try_lock_file(dirfd: int, name: str, ltype: int) -> int | None:
-    """Create/open the lock file `name` and lock it; the fd, or None if held by another."""
-    for _ in range(3):  # a lost race with a deleting unlocker is retried on a fresh file
-        fd = _open_regular(dirfd, name, os.O_RDWR | os.O_CREAT)
-        if not _lock(fd, ltype):
-            os.close(fd)
-            return None
-        if _same_file(dirfd, name, fd):
-            return fd
-        os.close(fd)
-    return None
-
-
-def _delete_lock_file(dirfd: int, name: str, fd: int) -> None:
-    """Delete the lock file we hold exclusively through `fd`, before dropping the lock.
-
-    git-annex does the same; it is safe because every locker checks `_same_file` after
-    locking, so no one can be left holding a lock on the deleted file.
-    """
-    if _same_file(dirfd, name, fd):
-        _unlink_quiet(dirfd, name)
-
-
-def _release_exclusive(dirfd: int, name: str, fd: int) -> None:
-    """Delete the lock file (outside key directories: no thawing needed) and unlock."""
-    try:
-        _delete_lock_file(dirfd, name, fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quiet(dirfd: int, name: str) -> None:
-    with suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=dirfd)
-
-
-# -- frozen key directories --------------------------------------------------------------
-
-
-@contextmanager
-def _thawed(dirfd: int) -> Iterator[None]:
-    """Make a key directory writable for the block, then freeze it (a-w) as git-annex does."""
-    mode = stat.S_IMODE(os.fstat(dirfd).st_mode)
-    if not mode & stat.S_IWUSR:
-        os.fchmod(dirfd, mode | stat.S_IWUSR)
-    try:
-        yield
-    finally:
-        os.fchmod(dirfd, (mode | stat.S_IWUSR) & ~0o222)
-
-
-def _in_thawed(dirfd: int, action: Callable[[], T]) -> T:
-    """Run `action` (which must be safe to repeat) in the thawed key directory.
-
-    Another process working in the same directory may freeze it again under us (git-annex
-    has the same race); the resulting EACCES is retried with a fresh thaw. Root, which
-    ignores the modes, never sees it.
-    """
-    for attempt in range(3):
-        with _thawed(dirfd):
-            try:
-                return action()
-            except PermissionError:
-                if attempt == 2:
-                    raise
-    raise AssertionError("unreachable")
-
-
-# -- retention timestamps ----------------------------------------------------------------
-
-_TIME = re.compile(r"(\d+)(?:\.(\d+))?s")
-
-
-def format_time(ns: int) -> str:
-    """A POSIX time as Haskell shows a POSIXTime: ``1795563163.808174719s``.
-
-    Trailing zeros of the fraction are dropped (``1.5s``, ``2s``), like Data.Fixed's show.
-    """
-    seconds, frac = divmod(ns, 10**9)
-    digits = f"{frac:09d}".rstrip("0")
-    return f"{seconds}.{digits}s" if digits else f"{seconds}s"
-
-
-def parse_time(text: str) -> int | None:
-    """The inverse of `format_time`, in nanoseconds; None if unparsable."""
-    m = _TIME.fullmatch(text.strip())
-    if m is None:
-        return None
-    frac = (m.group(2) or "")[:9].ljust(9, "0")
-    return int(m.group(1)) * 10**9 + int(frac)
-
-
-# -- the store ---------------------------------------------------------------------------
 
 
 class AnnexStore:
@@ -254,9 +76,7 @@ class AnnexStore:
         self.gitdir = Path(gitdir)
         self.bare = bare
         self.annexdir = self.gitdir / "annex"
-        # Content locks this store holds shared, by key directory: clear_retention must
-        # tell its own lock from other holders' (all OFD locks conflict with each other).
-        self._shared: dict[tuple[str, ...], list[int]] = {}
+        self._locks = SharedLocks()  # the content locks this store holds shared
 
     # paths
 
@@ -277,31 +97,8 @@ class AnnexStore:
     def _open_dir(
         self, parts: Sequence[str], *, create: bool = False, durable: bool = False
     ) -> int:
-        """Open GITDIR/parts... one component at a time, never following a symlink.
-
-        With `create`, missing directories are made (0777 minus umask, as git-annex's
-        createAnnexDirectory); with `durable`, each creation is fsynced into its parent.
-        """
-        fd = os.open(self.gitdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts:
-                _component(part)
-                try:
-                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    with suppress(FileExistsError):
-                        os.mkdir(part, 0o777, dir_fd=fd)
-                        if durable:
-                            os.fsync(fd)
-                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = sub
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        """Open GITDIR/parts... without following a symlink (see `storefs.open_dir`)."""
+        return open_dir(self.gitdir, parts, create=create, durable=durable)
 
     def _find(self, key: Key) -> tuple[int, tuple[str, ...]] | None:
         """The opened key directory holding `key`'s object (a regular file), and its parts."""
@@ -310,14 +107,14 @@ class AnnexStore:
             try:
                 fd = self._open_dir(parts)
             except OSError as exc:
-                if exc.errno in _ABSENT:
+                if exc.errno in ABSENT:
                     continue
                 raise
             try:
                 st = os.stat(kf, dir_fd=fd, follow_symlinks=False)
             except OSError as exc:
                 os.close(fd)
-                if exc.errno in _ABSENT:
+                if exc.errno in ABSENT:
                     continue
                 raise
             if stat.S_ISREG(st.st_mode):
@@ -337,7 +134,7 @@ class AnnexStore:
         try:
             return self._open_dir(parts), parts
         except OSError as exc:
-            if exc.errno in _ABSENT:
+            if exc.errno in ABSENT:
                 return None
             raise
 
@@ -361,9 +158,9 @@ class AnnexStore:
             return None
         dirfd, _ = found
         try:
-            fd = _open_regular(dirfd, key.keyfile(), os.O_RDONLY)
+            fd = open_regular(dirfd, key.keyfile(), os.O_RDONLY)
         except OSError as exc:
-            if exc.errno in _ABSENT:
+            if exc.errno in ABSENT:
                 return None
             raise
         finally:
@@ -422,7 +219,7 @@ class AnnexStore:
                     raise OSError(errno.EEXIST, f"could not be put back: it is {kept}") from None
                 raise
             try:
-                _in_thawed(keydir, lambda: os.rename(tmp, kf, src_dir_fd=tmpdir, dst_dir_fd=keydir))
+                in_thawed(keydir, lambda: os.rename(tmp, kf, src_dir_fd=tmpdir, dst_dir_fd=keydir))
                 os.fsync(keydir)
             finally:
                 os.close(keydir)
@@ -445,28 +242,12 @@ class AnnexStore:
             raise FileNotFoundError(errno.ENOENT, "content not present", str(key))
         dirfd, parts = found
         kf = key.keyfile()
-        lck = kf + ".lck"
         try:
-            fd = _in_thawed(dirfd, lambda: _try_lock_file(dirfd, lck, fcntl.F_RDLCK))
-            if fd is None:
-                raise ContentLocked("content is locked")
-            held = self._shared.setdefault(parts, [])
-            held.append(fd)
-            try:
+            with self._locks.hold(dirfd, parts, kf):
                 # A remover may have deleted the object between our lookup and our lock.
                 if not stat.S_ISREG(os.stat(kf, dir_fd=dirfd, follow_symlinks=False).st_mode):
                     raise FileNotFoundError(errno.ENOENT, "content not present", str(key))
                 yield self.gitdir.joinpath(*parts, kf)
-            finally:
-                held.remove(fd)
-                if not held:
-                    del self._shared[parts]
-                # The last holder (the conversion succeeds) deletes the lock file.
-                try:
-                    if _lock(fd, fcntl.F_WRLCK):
-                        _in_thawed(dirfd, lambda: _delete_lock_file(dirfd, lck, fd))
-                finally:
-                    os.close(fd)
         finally:
             os.close(dirfd)
 
@@ -480,21 +261,9 @@ class AnnexStore:
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "content not present", str(key))
         dirfd, _ = found
-        kf = key.keyfile()
         until = time.time_ns() + int(seconds * 1e9)
-
-        def write() -> None:
-            rtl = _open_regular(dirfd, kf + ".rtl", os.O_RDWR | os.O_CREAT)
-            try:
-                _lock(rtl, fcntl.F_WRLCK, wait=True)  # held briefly by any writer
-                current = _read_retention(dirfd, kf)
-                if current is None or current < until:
-                    _write_atomically(dirfd, kf + ".rtm", format_time(until).encode())
-            finally:
-                os.close(rtl)
-
         try:
-            _in_thawed(dirfd, write)
+            write_retention(dirfd, key.keyfile(), until)
         finally:
             os.close(dirfd)
 
@@ -509,33 +278,10 @@ class AnnexStore:
         if located is None:
             return
         dirfd, parts = located
-        kf = key.keyfile()
         try:
-            if self._content_lock_held_by_others(dirfd, parts, kf + ".lck"):
-                return
-
-            def delete() -> None:
-                _unlink_quiet(dirfd, kf + ".rtm")
-                _unlink_quiet(dirfd, kf + ".rtl")
-
-            _in_thawed(dirfd, delete)
+            self._locks.clear_retention(dirfd, parts, key.keyfile())
         finally:
             os.close(dirfd)
-
-    def _content_lock_held_by_others(self, dirfd: int, parts: tuple[str, ...], lck: str) -> bool:
-        mine = self._shared.get(parts, [])
-        if len(mine) > 1:
-            return True
-        if mine:
-            return _others_hold(mine[0])
-        try:
-            fd = _open_regular(dirfd, lck, os.O_RDWR)
-        except FileNotFoundError:
-            return False  # no lock file: no holder
-        try:
-            return not _lock(fd, fcntl.F_WRLCK)
-        finally:
-            os.close(fd)
 
     # removal
 
@@ -553,33 +299,8 @@ class AnnexStore:
         if found is None:
             return True
         dirfd, parts = found
-        kf = key.keyfile()
-        lck = kf + ".lck"
-
-        def attempt() -> bool:
-            fd = _try_lock_file(dirfd, lck, fcntl.F_WRLCK)
-            if fd is None:
-                raise ContentLocked("content is locked")
-            try:
-                # Checked with the lock held: a LOCKCONTENT holder writes its retention
-                # while holding the shared lock, so none can appear while we decide.
-                until = _read_retention(dirfd, kf)
-                if until is not None and until > time.time_ns():
-                    raise ContentLocked(f"content is retained until {format_time(until)}")
-                if proceed is not None and not proceed():
-                    return False
-                _unlink_quiet(dirfd, kf + ".rtm")
-                _unlink_quiet(dirfd, kf + ".rtl")
-                _unlink_quiet(dirfd, kf)
-                return True
-            finally:
-                try:
-                    _delete_lock_file(dirfd, lck, fd)
-                finally:
-                    os.close(fd)
-
         try:
-            if not _in_thawed(dirfd, attempt):
+            if not remove_locked(dirfd, key.keyfile(), proceed):
                 return False
             os.fsync(dirfd)
         finally:
@@ -603,10 +324,9 @@ class AnnexStore:
 
     # transfer info
 
-    @contextmanager
     def transfer(
         self, direction: Direction, remote_uuid: str, key: Key, af: str | None
-    ) -> Iterator[TransferInfo]:
+    ) -> AbstractContextManager[TransferInfo]:
         """Record a running transfer as git-annex does, for ``git annex info`` and friends.
 
         Writes ``annex/transfer/<direction>/<remote_uuid>/<keyfile>`` and holds an exclusive
@@ -615,97 +335,7 @@ class AnnexStore:
         (``download/lck/lck.<keyfile>``) belongs to the Receive, so wrap a Receive in this:
         ``with store.begin_receive(k) as r, store.transfer("download", uuid, k, af): ...``.
         """
-        if direction not in ("upload", "download"):
-            raise ValueError(f"bad transfer direction {direction!r}")
-        try:
-            _component(remote_uuid)
-        except OSError:
-            raise ValueError(f"bad remote uuid {remote_uuid[:64]!r}") from None
-        kf = key.keyfile()
-        dirfd = self._open_dir(("annex", "transfer", direction, remote_uuid), create=True)
-        try:
-            lockfd = _try_lock_file(dirfd, "lck." + kf, fcntl.F_WRLCK)
-            if lockfd is None:
-                raise TransferInProgress("transfer already in progress")
-            try:
-                info = TransferInfo(dirfd, kf, key, af)
-                try:
-                    yield info
-                finally:
-                    _unlink_quiet(dirfd, kf)
-            finally:
-                _release_exclusive(dirfd, "lck." + kf, lockfd)
-        finally:
-            os.close(dirfd)
-
-
-def _read_retention(dirfd: int, kf: str) -> int | None:
-    """The time in ``<object>.rtm`` (ns), or None if there is none or it is unparsable."""
-    try:
-        fd = _open_regular(dirfd, kf + ".rtm", os.O_RDONLY)
-    except OSError as exc:
-        if exc.errno in _ABSENT:
-            return None
-        raise
-    try:
-        return parse_time(os.read(fd, 64).decode("ascii", "replace"))
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(dirfd: int, name: str, data: bytes, *, durable: bool = True) -> None:
-    """Replace `name` in `dirfd` by a file holding `data`; readers never see a torn file.
-
-    `durable` fsyncs before the rename: wanted for retention (a drop proof must survive a
-    crash), not for transfer info, which only shows progress while a transfer runs.
-    """
-    # A short temporary name: `name` may already be near NAME_MAX.
-    tmp = f".tmp-{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o666, dir_fd=dirfd)
-    try:
-        try:
-            os.write(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-    except BaseException:
-        _unlink_quiet(dirfd, tmp)
-        raise
-
-
-class TransferInfo:
-    """The transfer information file of one running transfer (see AnnexStore.transfer).
-
-    Format (Logs/Transfer.hs writeTransferInfo, unix): the start time as git-annex shows a
-    POSIXTime, then `` <bytes>`` once progress is known, a newline, the associated file (or
-    nothing) and a newline: ``1795623533.590384975s 98256\\nsome_dir/big.bin\\n``.
-    """
-
-    def __init__(self, dirfd: int, kf: str, key: Key, af: str | None) -> None:
-        self._dirfd = dirfd
-        self._kf = kf
-        self._af = af
-        self._started = time.time_ns()
-        self._written: int | None = None
-        # git-annex rewrites the file only when progress moved by 1% of the size (100 KiB
-        # for unsized keys): it is a progress display, not a resume point.
-        self._step = key.size // 100 if key.size is not None else 100 * 1024
-        self._write(None)
-
-    def _write(self, done: int | None) -> None:
-        head = format_time(self._started) + ("" if done is None else f" {done}")
-        text = f"{head}\n{self._af or ''}\n"
-        _write_atomically(
-            self._dirfd, self._kf, text.encode("utf-8", "surrogateescape"), durable=False
-        )
-        self._written = done
-
-    def update(self, bytes_complete: int) -> None:
-        """Report progress; the file is rewritten at git-annex's granularity."""
-        if bytes_complete - (self._written or 0) >= max(self._step, 1):
-            self._write(bytes_complete)
+        return record_transfer(self.gitdir, direction, remote_uuid, key, af)
 
 
 class Receive:
@@ -729,11 +359,9 @@ class Receive:
         self._kf = key.keyfile()
         self._fds: list[int] = []  # closed in reverse order by _close
         self._open = False
-        self._lockdir = self._keep(
-            store._open_dir(("annex", "transfer", "download", "lck"), create=True)
-        )
+        self._lockdir = self._keep(store._open_dir(DOWNLOAD_LOCKS, create=True))
         try:
-            lockfd = _try_lock_file(self._lockdir, "lck." + self._kf, fcntl.F_WRLCK)
+            lockfd = try_lock_file(self._lockdir, "lck." + self._kf, fcntl.F_WRLCK)
             if lockfd is None:
                 raise TransferInProgress("transfer already in progress")
             self._lockfd = lockfd
@@ -757,18 +385,18 @@ class Receive:
 
     def _open_partial(self) -> int:
         try:
-            return _open_regular(self._tmpdir, self._kf, os.O_RDWR)
+            return open_regular(self._tmpdir, self._kf, os.O_RDWR)
         except FileNotFoundError:
-            return _open_regular(self._tmpdir, self._kf, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            return open_regular(self._tmpdir, self._kf, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         except PermissionError:
             # A partial left read-only (git-annex thaws these too): make it writable
             # through a descriptor, never through the path, which could be swapped.
-            fd = _open_regular(self._tmpdir, self._kf, os.O_RDONLY)
+            fd = open_regular(self._tmpdir, self._kf, os.O_RDONLY)
             try:
                 os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IWUSR)
             finally:
                 os.close(fd)
-            return _open_regular(self._tmpdir, self._kf, os.O_RDWR)
+            return open_regular(self._tmpdir, self._kf, os.O_RDWR)
 
     def _verifier_primed(self) -> Verifier:
         """The content check, fed first with the bytes a previous session left.
@@ -834,9 +462,7 @@ class Receive:
         try:
             # Replaces nothing but a non-file squatting the name (a planted symlink is
             # replaced, not followed) or a racing identical object.
-            _in_thawed(
-                keydir, lambda: os.rename(kf, kf, src_dir_fd=self._tmpdir, dst_dir_fd=keydir)
-            )
+            in_thawed(keydir, lambda: os.rename(kf, kf, src_dir_fd=self._tmpdir, dst_dir_fd=keydir))
             os.fsync(keydir)
         finally:
             os.close(keydir)
@@ -846,7 +472,7 @@ class Receive:
     def discard(self) -> None:
         """Delete the partial and end the receive."""
         if self._open:
-            _unlink_quiet(self._tmpdir, self._kf)
+            unlink_quiet(self._tmpdir, self._kf)
         self._close()
 
     def _close(self) -> None:
@@ -854,7 +480,7 @@ class Receive:
         fds, self._fds = self._fds, []
         if hasattr(self, "_lockfd"):
             with suppress(OSError):
-                _release_exclusive(self._lockdir, "lck." + self._kf, self._lockfd)
+                release_exclusive(self._lockdir, "lck." + self._kf, self._lockfd)
             del self._lockfd
         for fd in reversed(fds):
             with suppress(OSError):

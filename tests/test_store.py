@@ -29,13 +29,8 @@ from pathlib import Path
 import pytest
 
 from git_remote_annexproxy.keys import BadKey, Key
-from git_remote_annexproxy.store import (
-    AnnexStore,
-    ContentLocked,
-    TransferInProgress,
-    format_time,
-    parse_time,
-)
+from git_remote_annexproxy.store import AnnexStore, ContentLocked, TransferInProgress
+from git_remote_annexproxy.storefs import format_time, parse_time
 
 CLIENT_UUID = "d21e0000-0000-4000-8000-00000000d21e"
 FORK = multiprocessing.get_context("fork")
