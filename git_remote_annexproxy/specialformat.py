@@ -184,7 +184,8 @@ def object_name(name: str, mac: str | None) -> Key | None:
     Encrypted remote (``mac`` set): exactly ``GPG<mac>--<hex>`` with the remote's MAC and
     that MAC's digest length, lowercase. Unencrypted: a key (or chunk key) printed as
     git-annex prints it, without spaces or control characters. Either way the storage maps
-    it to one file name (``Key.keyfile`` escapes ``/``), never to a path of the peer's.
+    it to one file name (``Key.keyfile`` escapes ``/``), never to a path of the peer's, and
+    a name with a ``.`` or ``..`` path segment is refused (an S3 URL's path holds it as is).
     """
     if mac is not None:
         m = re.fullmatch(r"GPG(HMACSHA[0-9]+)--([0-9a-f]+)", name)
@@ -200,6 +201,11 @@ def object_name(name: str, mac: str | None) -> Key | None:
     except BadKey:
         return None
     if key.canonical() != name or key.backend.startswith("GPGHMAC"):
+        return None
+    # A key may hold "/" (URL keys); an S3 object name is the key itself, and a presigned
+    # URL's path with a "." or ".." segment could be resolved by an HTTP library or a
+    # proxy in front of the storage into another object or bucket. No real key has one.
+    if {".", ".."} & set(name.split("/")):
         return None
     return key
 

@@ -10,7 +10,20 @@ location; nothing is logged before all checks pass.
 With `annexproxy-indirect` (a storage that can presign uploads: S3) the bytes bypass the
 proxy: it answers `PUTINDIRECT` with a presigned URL for that one object, and on
 `INDIRECTDONE` checks the stored object's size and SHA-256 against what it presigned,
-removing it on a mismatch. Only names presigned in this session are accepted there.
+removing it on a mismatch only when the object carries the checksum that was presigned
+(so it is the client's own upload, not one another writer stored meanwhile). Only names
+presigned in this session are accepted there.
+
+For an unencrypted remote the names are keys, so the proxy checks what it can against the
+key, as for a plain PUT: the object's size (whole key or chunk), a whole key's hash
+(PUTOBJECT while spooling; PUTINDIRECT's SHA-256 for SHA256(E) keys, else read back at
+INDIRECTDONE). Encrypted objects and chunks' contents cannot be checked here (the proxy
+never sees plaintext): the client that downloads them verifies the key.
+
+PUTOBJECT has no size limit of its own (an encrypted object's size is not known from its
+name): the DATA streams into an anonymous spool in ``annex/othertmp``, as a plain PUT of a
+key without size would, and is gone however the session ends (idle timeout included). A
+DATA whose length is not the announced size (or the key's) is drained without a write.
 
 Wire format: HACKING.md, "P2P extensions".
 """
@@ -28,8 +41,8 @@ import trio
 from git_remote_annexproxy import chunks, p2p
 from git_remote_annexproxy.branch import current_clock
 from git_remote_annexproxy.crypto import Cipher, encrypted_key, mac_name
-from git_remote_annexproxy.keys import Key
-from git_remote_annexproxy.specialformat import Spool, object_name, plan
+from git_remote_annexproxy.keys import Key, Verifier
+from git_remote_annexproxy.specialformat import ObjectMissing, Spool, object_name, plan
 from shell.front import FrontSession
 from shell.p2pserver import SessionEnd, warn
 from shell.speciallink import PIECE, SpecialLink
@@ -59,6 +72,7 @@ class _Pending:
     key: Key
     size: int
     sha256: str
+    verify: bool  # read the object back and verify it against its key at INDIRECTDONE
 
 
 def offered(link: object) -> tuple[str, ...]:
@@ -90,8 +104,10 @@ class ObjectService:
         self.words = frozenset(words)
         self.presigner = _presigner(link) if p2p.EXT_INDIRECT in words else None
         self.pending: dict[str, _Pending] = {}
-        value = front.repo.config.get("annexproxy.presignexpiry") or ""
-        expiry = int(value) if value.isdigit() else DEFAULT_PRESIGN_EXPIRY
+        value = (front.repo.config.get("annexproxy.presignexpiry") or "").strip()
+        # isascii: "²".isdigit() is true and int() refuses it.
+        ok = value.isascii() and value.isdigit()
+        expiry = int(value) if ok else DEFAULT_PRESIGN_EXPIRY
         self.expiry = max(1, min(expiry, MAX_PRESIGN_EXPIRY))
 
     def serves(self, event: p2p.Event) -> bool:
@@ -127,6 +143,36 @@ class ObjectService:
             await self.front.send(p2p.Error("bad object name"))
         return key
 
+    def _length(self, key: Key) -> int | None:
+        """The size an object must have, when its name tells (an unencrypted remote's
+        object is the key's content, or one chunk of it)."""
+        if self.link.mac is not None:
+            return None
+        if key.chunk_num is None and key.chunk_size is None:
+            return key.size
+        if key.size is None or key.chunk_size is None or not key.chunk_num:
+            return None
+        return max(0, min(key.chunk_size, key.size - (key.chunk_num - 1) * key.chunk_size))
+
+    async def _stored_size(self, key: Key) -> int | None:
+        """The stored object's size; -1 when the storage cannot tell; None if absent."""
+        stat = _presigner(self.link)
+        if stat is not None:
+            found = await stat.stat(key.canonical())
+            return None if found is None else found[0]
+        if not await self.storage.present(key):
+            return None
+        try:
+            fd = await self.storage.open_local(key)
+        except ObjectMissing:  # removed in between
+            return None
+        if fd is None:
+            return -1
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
     # -- objects through the proxy -----------------------------------------------------------
 
     async def put_object(self, name: str, size: int) -> None:
@@ -146,39 +192,60 @@ class ObjectService:
         if not isinstance(event, p2p.Data):
             await self.front.send(p2p.Error("expected DATA"))
             raise SessionEnd(1, "client sent no DATA after PUT-FROM")
-        spool = self.link.new_spool()
+        # Decided before a byte is written: a DATA of another length than announced (or
+        # than the key says, unencrypted) is drained, never spooled, so the disk used is
+        # never more than a consistent request asked for.
+        expected = self._length(key)
+        wanted = event.length == size and expected in (None, size)
+        spool = self.link.new_spool() if wanted else None
+        # Unencrypted: the object is the key's content (or a chunk of it), checked as a
+        # plain PUT checks it, so a RECORD can never log other content under the key.
+        verifier = key.verifier() if self.link.mac is None else None
         try:
-            error = await self._spool_body(spool)
+            error = await self._spool_body(spool, verifier)
             valid = await self.front.client_validity()
             if error is not None:
                 raise error
-            if valid is False or spool.size != size or event.length != size:
+            if spool is None or valid is False or spool.size != size:
                 await self.front.send(p2p.Failure())
+                return
+            if verifier is not None and not verifier.ok():
+                warn(f"  {name}: verification of content failed")
+                await self.front.send(p2p.Failure())
+                return
+            # Stored by another writer while this DATA came in: same name, same content
+            # (the MAC or key of one chunk); never overwrite it with what this client says.
+            if await self.storage.present(key):
+                await self.front.send(p2p.Success())
                 return
             with trio.CancelScope(shield=True):  # each write step is bounded by the storage
                 await self.storage.store(key, spool.read_range(0, spool.size))
             await self.front.send(p2p.Success())
         finally:
-            self.link.drop_spool(spool)
+            if spool is not None:
+                self.link.drop_spool(spool)
 
-    async def _spool_body(self, spool: Spool) -> OSError | None:
-        """Take the DATA payload into ``spool``; a write error is kept until the end
-        (an ERROR in the middle of the payload would be read as payload)."""
+    async def _spool_body(self, spool: Spool | None, verifier: Verifier | None) -> OSError | None:
+        """Take the DATA payload into ``spool`` (None: read and drop it); a write error is
+        kept until the end (an ERROR in the middle of the payload would be read as
+        payload)."""
         pending = bytearray()
         error: OSError | None = None
         while not isinstance(event := await self.front.event(), p2p.BodyEnd):
             assert isinstance(event, p2p.Body)
+            if spool is None:
+                continue
             pending += event.data
             if len(pending) >= PIECE or error is not None:
                 data, pending = bytes(pending), bytearray()
                 if error is None:
                     try:
-                        await trio.to_thread.run_sync(spool.append, data)
+                        await trio.to_thread.run_sync(spool.append, data, verifier)
                     except OSError as exc:
                         error = exc
-        if pending and error is None:
+        if spool is not None and pending and error is None:
             try:
-                await trio.to_thread.run_sync(spool.append, bytes(pending))
+                await trio.to_thread.run_sync(spool.append, bytes(pending), verifier)
             except OSError as exc:
                 error = exc
         return error
@@ -234,11 +301,21 @@ class ObjectService:
         if await self.front.refuse_write(removal=False):
             return
         problem = self._check_record(chunk_size, count, key, names)
-        if problem is None:
-            for obj in names or ():
+        for obj in names if names is not None and problem is None else []:
+            expected = self._length(obj)
+            if expected is None:
                 if not await self.storage.present(obj):
                     problem = f"object {obj} is not in the special remote"
                     break
+                continue
+            # Unencrypted: present is not enough, it must be the size the key says.
+            found = await self._stored_size(obj)
+            if found is None:
+                problem = f"object {obj} is not in the special remote"
+                break
+            if found >= 0 and found != expected:
+                problem = f"object {obj} has size {found}, not {expected}"
+                break
         if problem is not None:
             warn(f"  RECORD {key}: {problem}")
             await self.front.send(p2p.Failure())
@@ -273,6 +350,8 @@ class ObjectService:
             return None
         keys: list[Key] = []
         for line in bytes(data).split(b"\n")[:-1]:
+            if len(line) > MAX_NAME:  # the same bound as a name in a request line
+                return None
             key = object_name(line.decode("utf-8", "surrogateescape"), self.link.mac)
             if key is None:
                 return None
@@ -329,31 +408,60 @@ class ObjectService:
         if await self.storage.present(key):
             await self.front.send(p2p.AlreadyHave())
             return
+        # Unencrypted: the URL may only carry the key's content. Its size, and for a
+        # SHA256(E) whole key its hash, are what the storage will hold the upload to;
+        # another hash is verified by reading the object back at INDIRECTDONE.
+        expected = self._length(key)
+        whole = key.chunk_num is None and key.chunk_size is None
+        sha_key = self.link.mac is None and whole and key.backend in ("SHA256", "SHA256E")
+        if (expected is not None and size != expected) or (
+            sha_key and sha256 != key.name.partition(".")[0]
+        ):
+            await self.front.send(p2p.Failure())
+            return
         if len(self.pending) >= MAX_PENDING:
             await self.front.send(p2p.Failure())
             return
         url, headers = await trio.to_thread.run_sync(
             self.presigner.presign_put, str(key), size, sha256, self.expiry
         )
-        self.pending[str(key)] = _Pending(key, size, sha256)
+        verify = self.link.mac is None and key.verifiable and not sha_key
+        self.pending[str(key)] = _Pending(key, size, sha256, verify)
         await self.front.send(p2p.Indirect(url, tuple(headers.items())))
 
     async def indirect_done(self, name: str) -> None:
+        # As PUT: a read-only session never presigned anything, and says so as PUT does.
+        if await self.front.refuse_write(removal=False):
+            return
         pending = self.pending.pop(name, None)
         if pending is None:
             await self.front.send(p2p.Error("no upload of that object was presigned"))
             return
         assert self.presigner is not None
         found = await self.presigner.stat(str(pending.key))
-        if found is not None and found[0] == pending.size:
-            digest = found[1] or await self._digest(pending.key)
-            if digest == pending.sha256:
-                await self.front.send(p2p.Success())
-                return
-        if found is not None:
+        if found is None:
+            await self.front.send(p2p.Failure())
+            return
+        size, reported = found
+        ok = size == pending.size and (reported or await self._digest(pending.key)) == (
+            pending.sha256
+        )
+        if ok and pending.verify:
+            ok = await self._verifies(pending.key)
+        if ok:
+            await self.front.send(p2p.Success())
+            return
+        # Remove only the client's own upload: the name was absent when presigned, but
+        # another writer may have stored it since (a good object, which a claim of a
+        # wrong checksum must not delete, in any mode). Only an upload through this URL
+        # carries the presigned checksum (a signed header); a storage that reports none
+        # cannot tell whose the object is, so it is left alone.
+        if reported == pending.sha256:
             warn(f"  {name}: stored object does not match what was presigned; removed")
             with contextlib.suppress(StorageError):
                 await self.storage.remove(pending.key)
+        else:
+            warn(f"  {name}: stored object does not match what was presigned; kept")
         await self.front.send(p2p.Failure())
 
     async def _digest(self, key: Key) -> str:
@@ -363,3 +471,11 @@ class ObjectService:
             async for piece in it:
                 h.update(piece)
         return h.hexdigest()
+
+    async def _verifies(self, key: Key) -> bool:
+        """The stored object, read back, is the content of ``key`` (its hash)."""
+        verifier = key.verifier()
+        async with contextlib.aclosing(self.storage.retrieve(key)) as it:
+            async for piece in it:
+                verifier.update(piece)
+        return verifier.ok()

@@ -447,8 +447,9 @@ class S3Storage(SpecialStorage):
     ) -> tuple[str, dict[str, str]]:
         """A URL to PUT object ``name`` (a key serialization) within ``expires`` seconds,
         and the headers the client must send with it. The signature covers the size
-        (Content-Length) and the SHA-256 (x-amz-checksum-sha256), so a server that checks
-        signed headers refuses any other body. May block once to find credentials."""
+        (Content-Length), the SHA-256 (x-amz-checksum-sha256) and If-None-Match: *, so a
+        server that checks signed headers refuses any other body and any overwrite. May
+        block once to find credentials."""
         if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256_hex):
             raise ValueError("presign_put needs a size and a lower-case hex SHA-256")
         checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
@@ -457,6 +458,9 @@ class S3Storage(SpecialStorage):
             "Content-Length": str(size),
             "x-amz-checksum-sha256": checksum,
             "x-amz-sdk-checksum-algorithm": "SHA256",
+            # A conditional write: S3 refuses the PUT if the object exists by then, so a
+            # URL still valid after someone else stored the object cannot overwrite it.
+            "If-None-Match": "*",
         }
         path = self._object(name)
         query = s3sign.presign(

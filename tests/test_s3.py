@@ -262,8 +262,8 @@ async def test_presigned_put_and_stat(moto: MotoServer, creds_env: None) -> None
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert query["X-Amz-Expires"] == ["600"]
     assert query["X-Amz-SignedHeaders"] == [
-        "content-length;host;x-amz-checksum-sha256;x-amz-sdk-checksum-algorithm;"
-        "x-amz-storage-class"
+        "content-length;host;if-none-match;x-amz-checksum-sha256;"
+        "x-amz-sdk-checksum-algorithm;x-amz-storage-class"
     ]  # fmt: skip
     assert SECRET not in url and KEY_ID in url
     assert headers["Content-Length"] == str(len(body))
@@ -271,6 +271,10 @@ async def test_presigned_put_and_stat(moto: MotoServer, creds_env: None) -> None
     assert await storage.stat("OBJ") is None
     assert put_url(url, headers, body)[0] == 200
     assert await storage.stat("OBJ") == (len(body), digest)
+    assert moto.get_object(bucket, "in/OBJ") == body
+    # The URL is a conditional write: once the object exists (here: stored through it),
+    # a second PUT through a still valid URL cannot overwrite it.
+    assert put_url(url, headers, os.urandom(len(body)))[0] == 412
     assert moto.get_object(bucket, "in/OBJ") == body
     with pytest.raises(ValueError):
         storage.presign_put("OBJ", 1, "not hex", 600)
