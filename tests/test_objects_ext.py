@@ -47,6 +47,8 @@ REMOTES = {
     "hychunk": ("hybrid", "100KiB"),
     "shflat": ("shared", None),
     "plainchunk": ("none", "64KiB"),
+    "pkchunk": ("pubkey", "64KiB"),
+    "spkflat": ("sharedpubkey", None),
 }
 ENCRYPTED = [n for n, (e, _) in REMOTES.items() if e != "none"]
 
@@ -143,7 +145,7 @@ def world(
         stores[name].mkdir(parents=True)
         args = ["git", "annex", "initremote", "-q", name, "type=directory",
                 f"directory={stores[name]}", f"encryption={encryption}"]  # fmt: skip
-        if encryption == "hybrid":
+        if encryption in ("hybrid", "pubkey", "sharedpubkey"):
             args.append(f"keyid={keyid}")
         if chunk:
             args.append(f"chunk={chunk}")
