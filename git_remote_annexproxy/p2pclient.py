@@ -30,12 +30,10 @@ import trio
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
-from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+from git_remote_annexproxy.p2prequests import MAX_VERSION, P2PRequester
 
-MAX_VERSION = 4
 SEND_PIECE = 1 << 20  # bytes read from a file and written to the server at a time
 STDERR_TAIL = 4096  # bytes of the server's stderr kept for error messages
-_CLOSE_GRACE = 5.0  # seconds a healthy server gets to exit after we close its stdin
 _STDERR_GRACE = 2.0  # seconds to wait for the last words on stderr after a failure
 
 
@@ -74,19 +72,20 @@ class _StderrTail:
         return useful[-1] if useful else ""
 
 
-class P2PSession:
-    """One client session. Build it with `spawn` (a command) or `attach` (given streams)."""
+class P2PSession(P2PRequester):
+    """One client session. Build it with `spawn` (a command) or `attach` (given streams).
+    The request plumbing, greeting and dead-marking rules are `P2PRequester`'s."""
+
+    protocol_error = "protocol error: "
+    uuid_mismatch = "expected repository UUID {expected} but found {found}"
 
     def __init__(self, name: str, *, idle_timeout: float) -> None:
-        self.name = name  # for messages: the repository as the user calls it
-        self.idle_timeout = idle_timeout
+        # `name` is for messages: the repository as the user calls it.
+        super().__init__(name, idle_timeout=idle_timeout)
         self.uuid = ""  # from AUTH-SUCCESS
-        self.version = 0
-        self.dead = False
         # The GET whose verdict, or the PUT whose content, is still due: until then no
         # other request may be sent.
         self.busy: Download | Upload | None = None
-        self._channel: P2PChannel | None = None
         self._process: trio.Process | None = None
         self._stderr: _StderrTail | None = None
 
@@ -143,28 +142,17 @@ class P2PSession:
     ) -> None:
         """Greet a server on connected streams: AUTH-SUCCESS (its UUID must be
         `expected_uuid` when one is given, as git-annex insists), then VERSION."""
-        self._channel = P2PChannel(receive, send, idle_timeout=self.idle_timeout)
-        auth = await self._reply(p2p.AuthSuccess)
-        assert isinstance(auth, p2p.AuthSuccess)
-        if expected_uuid is not None and auth.uuid != expected_uuid:
-            self.dead = True
-            raise P2PSessionError(
-                f"{self.name}: expected repository UUID {expected_uuid} but found {auth.uuid}"
-            )
-        self.uuid = auth.uuid
-        await self._send(p2p.Version(min(version, MAX_VERSION)))
-        reply = await self._reply(p2p.Version)
-        assert isinstance(reply, p2p.Version)
-        self.version = reply.n
+        self.uuid = await self._greet(receive, send, expected_uuid, version)
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _chan(self) -> P2PChannel:
-        if self.dead or self._channel is None:
-            raise P2PSessionError(f"{self.name}: connection lost")
-        return self._channel
+    def _error(self, what: str) -> P2PSessionError:
+        return P2PSessionError(f"{self.name}: {what}")
 
-    async def _failure(self, what: str) -> P2PSessionError:
+    def _refusal(self, text: str) -> P2PRefused:
+        return P2PRefused(self.name, text)
+
+    async def _failure(self, what: str) -> Exception:
         """Mark the session dead; the error names the server's last stderr line if any."""
         self.dead = True
         tail = self._stderr
@@ -174,8 +162,8 @@ class P2PSession:
                 await tail.done.wait()
             said = tail.last_line()
             if said:
-                return P2PSessionError(f"{self.name}: {said}")
-        return P2PSessionError(f"{self.name}: {what}")
+                return self._error(said)
+        return self._error(what)
 
     def _idle(self) -> None:
         """Check that a new request may start; one abandoned mid-GET kills the session."""
@@ -183,65 +171,17 @@ class P2PSession:
             self.dead = True
             raise P2PSessionError(f"{self.name}: previous transfer was abandoned")
 
-    async def _send(self, *messages: p2p.Message) -> None:
-        try:
-            await self._chan().send(*messages)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise await self._failure(str(exc) or "connection lost") from None
-        except ChannelTimeout as exc:
-            raise await self._failure(str(exc)) from None
-        except trio.Cancelled:
-            self.dead = True  # cut short mid-exchange
-            raise
-
-    async def _send_raw(self, data: bytes) -> None:
-        try:
-            await self._chan().send_raw(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise await self._failure(str(exc) or "connection lost") from None
-        except ChannelTimeout as exc:
-            raise await self._failure(str(exc)) from None
-        except trio.Cancelled:
-            self.dead = True
-            raise
-
-    async def _event(self) -> p2p.Event:
-        try:
-            event = await self._chan().next_event()
-        except (p2p.RemoteProtocolError, ChannelTimeout) as exc:
-            raise await self._failure(str(exc)) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise await self._failure(str(exc) or "connection lost") from None
-        except trio.Cancelled:
-            self.dead = True
-            raise
-        if isinstance(event, p2p.ConnectionClosed):
-            raise await self._failure("connection closed")
-        return event
-
-    async def _reply(self, *types: type) -> p2p.Event:
-        event = await self._event()
-        if isinstance(event, types):
-            return event
-        if isinstance(event, p2p.Error):
-            raise P2PRefused(self.name, event.text)
-        raise await self._failure(f"protocol error: unexpected {type(event).__name__}")
-
     # -- requests ------------------------------------------------------------------------
 
     async def checkpresent(self, key: Key) -> bool:
         self._idle()
-        await self._send(p2p.CheckPresent(key))
-        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+        return await self._succeeds(p2p.CheckPresent(key))
 
     async def get(self, key: Key, offset: int = 0, af: str | None = None) -> Download:
         """Ask for `key`'s content from `offset`. Consume the `Download` fully, then
         call `Download.verdict()`; only then is the session free for the next request."""
         self._idle()
-        await self._send(p2p.Get(offset, af, key))
-        reply = await self._reply(p2p.Data)
-        assert isinstance(reply, p2p.Data)
-        self.busy = Download(self, offset, reply.length)
+        self.busy = Download(self, offset, await self._get(offset, af, key))
         return self.busy
 
     async def put(self, key: Key, af: str | None = None) -> Upload:
@@ -250,33 +190,21 @@ class P2PSession:
         server kept that much of an earlier, interrupted upload). `ERROR` (a read-only
         server, say) raises P2PRefused and leaves the session usable."""
         self._idle()
-        await self._send(p2p.Put(af, key))
-        reply = await self._reply(p2p.AlreadyHave, p2p.AlreadyHavePlus, p2p.PutFrom)
-        if isinstance(reply, p2p.PutFrom):
-            upload = Upload(self, offset=reply.offset, already=False)
-            self.busy = upload
-            return upload
-        plus = reply.uuids if isinstance(reply, p2p.AlreadyHavePlus) else ()
-        return Upload(self, offset=0, already=True, plus=plus)
+        offset, plus = await self._put(af, key)
+        if offset is None:
+            return Upload(self, offset=0, already=True, plus=plus)
+        upload = Upload(self, offset=offset, already=False)
+        self.busy = upload
+        return upload
 
     # -- closing -------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         """End the session: EOF to the server (it exits 0), then reap it, bounded."""
-        grace = 0.0 if self.dead else _CLOSE_GRACE
-        self.dead = True
-        if self._channel is not None:
-            with trio.move_on_after(1):
-                await self._channel.aclose()
         proc = self._process
+        await self._close(proc)
         if proc is None:
             return
-        with trio.move_on_after(grace) as scope:
-            await proc.wait()
-        if scope.cancelled_caught:
-            proc.kill()
-            with trio.move_on_after(2):
-                await proc.wait()
         # A grandchild (an ssh master, say) may keep stderr open: stop draining it.
         if self._stderr is not None and not self._stderr.done.is_set():
             with trio.move_on_after(0.5):
@@ -307,8 +235,7 @@ class P2PSession:
 
     async def checkobject(self, name: str) -> bool:
         self._idle()
-        await self._send(p2p.CheckObject(name))
-        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+        return await self._succeeds(p2p.CheckObject(name))
 
     async def putobject(self, name: str, size: int, pieces: AsyncIterator[bytes]) -> str:
         """Store one finished object: "already" (the server has it), "stored" or "failed".
@@ -348,13 +275,9 @@ class P2PSession:
         if isinstance(reply, p2p.Failure):
             raise P2PRefused(self.name, f"object {name} is not in the remote")
         try:
-            while isinstance(event := await self._event(), p2p.Body):
-                yield event.data
-            if not isinstance(event, p2p.BodyEnd):
-                raise await self._failure("protocol error: bad DATA framing")
-            valid = True
-            if self.version >= 1:
-                valid = isinstance(await self._reply(p2p.Valid, p2p.Invalid), p2p.Valid)
+            while (piece := await self._piece()) is not None:
+                yield piece
+            valid = await self._validity() is not False
         except BaseException:
             self.dead = True  # abandoned or cut mid-exchange: a late reply would confuse
             raise
@@ -379,8 +302,7 @@ class P2PSession:
 
     async def indirectdone(self, name: str) -> bool:
         self._idle()
-        await self._send(p2p.IndirectDone(name))
-        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+        return await self._succeeds(p2p.IndirectDone(name))
 
 
 class Download:
@@ -408,15 +330,11 @@ class Download:
         s = self.session
         if self._consumed:
             raise StopAsyncIteration
-        event = await s._event()
-        if isinstance(event, p2p.Body):
-            self.received += len(event.data)
-            return event.data
-        if not isinstance(event, p2p.BodyEnd):
-            raise await s._failure("protocol error: bad DATA framing")
-        if s.version >= 1:
-            reply = await s._reply(p2p.Valid, p2p.Invalid)
-            self.valid = isinstance(reply, p2p.Valid)
+        piece = await s._piece()
+        if piece is not None:
+            self.received += len(piece)
+            return piece
+        self.valid = await s._validity()
         self._consumed = True
         raise StopAsyncIteration
 
@@ -484,11 +402,9 @@ class Upload:
         if s.version >= 1:
             await s._send(p2p.Valid() if unchanged() else p2p.Invalid())
         try:
-            reply = await s._reply(p2p.Success, p2p.SuccessPlus, p2p.Failure, p2p.FailurePlus)
+            ok, plus = await s._verdict()
         except P2PRefused:
             s.busy = None  # ERROR ends the exchange; the session goes on
             raise
         s.busy = None
-        if isinstance(reply, p2p.SuccessPlus | p2p.FailurePlus):
-            return Stored(isinstance(reply, p2p.SuccessPlus), reply.uuids)
-        return Stored(isinstance(reply, p2p.Success))
+        return Stored(ok, plus)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import trio
 
-from git_remote_annexproxy import p2p
+from git_remote_annexproxy import p2p, p2prequests
 from git_remote_annexproxy.gitconfig import GitConfig
 from git_remote_annexproxy.keys import Key
-from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
+from git_remote_annexproxy.p2prequests import P2PRequester
 from shell.proxyselect import Remote, local_path
 
-MAX_VERSION = 4
+MAX_VERSION = p2prequests.MAX_VERSION  # the highest P2P version a node link speaks
+
 # Variables that restrict a session apply to the client in front of us, never to our own
 # hops (the proxy enforces them itself before relaying).
 _SCRUBBED = (
@@ -202,58 +203,22 @@ def p2pstdio_argv(remote: Remote, proxy_uuid: str) -> list[str]:
     return ssh_argv(remote, ["p2pstdio", path, proxy_uuid, "--uuid", remote.uuid])
 
 
-class P2PLink(NodeLink):
-    """The P2P protocol to a git-annex-shell p2pstdio of the node."""
+class P2PLink(NodeLink, P2PRequester):
+    """The P2P protocol to a git-annex-shell p2pstdio of the node; the request plumbing,
+    greeting and dead-marking rules are `P2PRequester`'s."""
 
     def __init__(self, remote: Remote, proxy_uuid: str, *, timeout: float) -> None:
-        super().__init__(remote)
+        NodeLink.__init__(self, remote)
+        P2PRequester.__init__(self, remote.name, idle_timeout=timeout)
         self.proxy_uuid = proxy_uuid
         self.timeout = timeout
         self.process: trio.Process | None = None
-        self.channel: P2PChannel | None = None
-        self.dead = False
 
-    # -- plumbing ----------------------------------------------------------------------
+    def _error(self, what: str) -> NodeError:
+        return NodeError(f"{self.name}: {what}")
 
-    def _chan(self) -> P2PChannel:
-        if self.dead or self.channel is None:
-            raise NodeError(f"{self.remote.name}: connection lost")
-        return self.channel
-
-    async def _send(self, *messages: p2p.Message) -> None:
-        try:
-            await self._chan().send(*messages)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
-            self.dead = True
-            raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
-        except trio.Cancelled:
-            # Cut short by the caller's deadline: the stream is mid-exchange now (a late
-            # reply would answer the next request), so the link cannot be used again.
-            self.dead = True
-            raise
-
-    async def _event(self) -> p2p.Event:
-        try:
-            event = await self._chan().next_event()
-        except (p2p.RemoteProtocolError, ChannelTimeout, trio.BrokenResourceError, OSError) as exc:
-            self.dead = True
-            raise NodeError(f"{self.remote.name}: {exc or 'connection lost'}") from None
-        except trio.Cancelled:
-            self.dead = True  # as in _send
-            raise
-        if isinstance(event, p2p.ConnectionClosed):
-            self.dead = True
-            raise NodeError(f"{self.remote.name}: connection closed")
-        return event
-
-    async def _reply(self, *types: type) -> p2p.Event:
-        event = await self._event()
-        if isinstance(event, types):
-            return event
-        if isinstance(event, p2p.Error):
-            raise NodeRefused(self.remote.name, event.text)
-        self.dead = True
-        raise NodeError(f"{self.remote.name}: unexpected {type(event).__name__}")
+    def _refusal(self, text: str) -> NodeRefused:
+        return NodeRefused(self.name, text)
 
     # -- the interface -----------------------------------------------------------------
 
@@ -278,29 +243,15 @@ class P2PLink(NodeLink):
         """Speak to the node over streams that are already connected (the pipes of the
         process `open` started, or a test's in-memory streams): check its AUTH-SUCCESS,
         then negotiate as `open` describes."""
-        self.channel = P2PChannel(receive, send, idle_timeout=self.timeout)
-        auth = await self._reply(p2p.AuthSuccess)
-        assert isinstance(auth, p2p.AuthSuccess)
-        if auth.uuid != self.uuid:
-            self.dead = True
-            raise NodeError(f"{self.remote.name}: expected UUID {self.uuid}, found {auth.uuid}")
-        if version is None:
-            self.version = 0
-            return
-        await self._send(p2p.Version(min(version, MAX_VERSION)))
-        reply = await self._reply(p2p.Version)
-        assert isinstance(reply, p2p.Version)
-        self.version = reply.n
+        await self._greet(receive, send, self.uuid, version)
         if bypass and self.version >= 2:
             await self._send(p2p.Bypass(tuple(sorted(bypass))))
 
     async def checkpresent(self, key: Key) -> bool:
-        await self._send(p2p.CheckPresent(key))
-        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+        return await self._succeeds(p2p.CheckPresent(key))
 
     async def lockcontent(self, key: Key) -> bool:
-        await self._send(p2p.LockContent(key))
-        return isinstance(await self._reply(p2p.Success, p2p.Failure), p2p.Success)
+        return await self._succeeds(p2p.LockContent(key))
 
     async def unlockcontent(self) -> None:
         await self._send(p2p.UnlockContent())
@@ -310,9 +261,7 @@ class P2PLink(NodeLink):
             await self._send(p2p.RemoveBefore(before, key))
         else:
             await self._send(p2p.Remove(key))
-        return _outcome(
-            await self._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
-        )
+        return Outcome(*await self._verdict())
 
     async def timestamp(self) -> int:
         await self._send(p2p.GetTimestamp())
@@ -321,45 +270,18 @@ class P2PLink(NodeLink):
         return reply.ts
 
     async def put(self, af: str | None, key: Key) -> Upload | AlreadyHave:
-        await self._send(p2p.Put(af, key))
-        reply = await self._reply(p2p.PutFrom, p2p.AlreadyHave, p2p.AlreadyHavePlus)
-        if isinstance(reply, p2p.AlreadyHave):
-            return AlreadyHave()
-        if isinstance(reply, p2p.AlreadyHavePlus):
-            return AlreadyHave(reply.uuids)
-        assert isinstance(reply, p2p.PutFrom)
-        return _P2PUpload(self, reply.offset)
+        offset, plus = await self._put(af, key)
+        if offset is None:
+            return AlreadyHave(plus)
+        return _P2PUpload(self, offset)
 
     async def get(self, offset: int, af: str | None, key: Key) -> Download:
-        await self._send(p2p.Get(offset, af, key))
-        reply = await self._reply(p2p.Data)
-        assert isinstance(reply, p2p.Data)
-        return _P2PDownload(self, reply.length)
+        return _P2PDownload(self, await self._get(offset, af, key))
 
     async def aclose(self) -> None:
-        # A node that already failed (timed out, broke the protocol, died) gets no grace
-        # period to exit: waiting on it would add 5 s to the bounded time its failure may
-        # cost, and callers wait for aclose before answering the client.
-        grace = 0 if self.dead else 5
-        self.dead = True
-        if self.channel is not None:
-            with trio.move_on_after(1):
-                await self.channel.aclose()
-        if self.process is not None:
-            with trio.move_on_after(grace) as scope:
-                await self.process.wait()
-            if scope.cancelled_caught:
-                self.process.kill()
-                with trio.move_on_after(2):
-                    await self.process.wait()
-
-
-def _outcome(event: p2p.Event) -> Outcome:
-    if isinstance(event, p2p.SuccessPlus):
-        return Outcome(True, event.uuids)
-    if isinstance(event, p2p.FailurePlus):
-        return Outcome(False, event.uuids)
-    return Outcome(isinstance(event, p2p.Success))
+        # Callers wait for aclose before answering the client: a failed node is not waited
+        # for (see P2PRequester._close).
+        await self._close(self.process)
 
 
 class _P2PUpload(Upload):
@@ -371,27 +293,16 @@ class _P2PUpload(Upload):
         await self.link._send(p2p.Data(length))
 
     async def send_piece(self, data: bytes) -> None:
-        try:
-            await self.link._chan().send_raw(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ChannelTimeout) as exc:
-            self.link.dead = True
-            raise NodeError(f"{self.link.remote.name}: {exc or 'connection lost'}") from None
-        except trio.Cancelled:
-            self.link.dead = True  # as in P2PLink._send
-            raise
+        await self.link._send_raw(data)
 
     async def finish(self, valid: bool | None) -> Outcome:
         if self.link.version >= 1:
             await self.link._send(p2p.Valid() if valid in (True, None) else p2p.Invalid())
-        return _outcome(
-            await self.link._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
-        )
+        return Outcome(*await self.link._verdict())
 
     async def data_present(self) -> Outcome:
         await self.link._send(p2p.DataPresent())
-        return _outcome(
-            await self.link._reply(p2p.Success, p2p.Failure, p2p.SuccessPlus, p2p.FailurePlus)
-        )
+        return Outcome(*await self.link._verdict())
 
 
 class _P2PDownload(Download):
@@ -400,19 +311,11 @@ class _P2PDownload(Download):
         self.length = length
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        while True:
-            event = await self.link._event()
-            if isinstance(event, p2p.BodyEnd):
-                return
-            if not isinstance(event, p2p.Body):
-                self.link.dead = True
-                raise NodeError(f"{self.link.remote.name}: bad DATA framing")
-            yield event.data
+        while (piece := await self.link._piece()) is not None:
+            yield piece
 
     async def validity(self) -> bool | None:
-        if self.link.version < 1:
-            return None
-        return isinstance(await self.link._reply(p2p.Valid, p2p.Invalid), p2p.Valid)
+        return await self.link._validity()
 
     async def verdict(self, ok: bool) -> None:
         await self.link._send(p2p.Success() if ok else p2p.Failure())
