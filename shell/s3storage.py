@@ -23,6 +23,9 @@ streamed one bounded read per thread call. Cancellation waits at most one such s
 Bodies are bytes in memory of bounded size (``PART_SIZE``): a stream of unknown length
 (gpg's output) is sent as one PUT when it fits, else as a multipart upload, so memory is
 bounded whatever the object size and every body is signed (its SHA-256) and retriable.
+``timeout`` is the proxy's node timeout (``annexproxy.nodetimeout``) when the storage is
+opened by `shell.speciallink.make_storage`. At open, `S3Storage.cleanup` aborts multipart
+uploads a killed process left behind (old ones only; bounded; failures only warn).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import html
 import http.client
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +52,7 @@ import trio
 from git_remote_annexproxy import s3sign
 from git_remote_annexproxy.crypto import Gpg
 from git_remote_annexproxy.keys import Key
+from shell.p2pserver import warn
 from shell.s3creds import CredentialSource
 from shell.specialstore import ObjectMissing, SpecialStorage, StorageError
 
@@ -57,6 +63,19 @@ READ_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 60.0
 AWS_HOST = "s3.amazonaws.com"
 _IDLE_CONNECTIONS = 4
+# cleanup(): an unfinished multipart upload under the fileprefix is aborted only when it
+# began this long ago. S3 cannot tell a dead upload from a live one (another proxy
+# session's, or git-annex's own), and a live one may legitimately run long: a store only
+# has to move every node timeout, and our multipart object can be 10000 parts of
+# PART_SIZE (~78 GiB), which at ~130 KiB/s still finishes within 7 days. Seven days is
+# also the age AWS suggests for an AbortIncompleteMultipartUpload lifecycle rule.
+STALE_UPLOAD_SECONDS = 7 * 24 * 3600.0
+# ...and the work is bounded, so opening a session never waits long: one listing page of
+# at most LIST_UPLOADS, at most MAX_ABORTS aborts, all within CLEANUP_SECONDS (at most
+# half the node timeout); whatever is left is for the next session.
+LIST_UPLOADS = 100
+MAX_ABORTS = 10
+CLEANUP_SECONDS = 10.0
 _ERROR_BODY = 1 << 16
 _T = TypeVar("_T")
 
@@ -206,8 +225,9 @@ class S3Storage(SpecialStorage):
     @classmethod
     def from_remote(
         cls, uuid: str, fields: Mapping[str, str], remote_config: Mapping[str, str],
-        gitdir: Path | None = None,
+        gitdir: Path | None = None, *, timeout: float | None = None,
     ) -> S3Storage:  # fmt: skip
+        """``timeout``: the socket timeout of every request (None: DEFAULT_TIMEOUT)."""
         try:
             config = S3Config.from_fields(fields)
         except S3ConfigError as exc:
@@ -216,7 +236,8 @@ class S3Storage(SpecialStorage):
             encrypt_options=tuple((remote_config.get("gnupg-options") or "").split()),
             decrypt_options=tuple((remote_config.get("gnupg-decrypt-options") or "").split()),
         )
-        return cls(config, CredentialSource(uuid, fields, gitdir, gpg))
+        return cls(config, CredentialSource(uuid, fields, gitdir, gpg),
+                   timeout=DEFAULT_TIMEOUT if timeout is None else timeout)  # fmt: skip
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -440,6 +461,50 @@ class S3Storage(SpecialStorage):
                                                    (("uploadId", upload),)))  # fmt: skip
             raise
 
+    # -- what killed processes left behind ------------------------------------------------------
+
+    async def cleanup(self) -> None:
+        """Abort multipart uploads a killed proxy (or git-annex) left under the fileprefix
+        (their parts cost storage and never show as objects). Bounded (see
+        STALE_UPLOAD_SECONDS and below); a failure is a warning, never the session's end.
+        The worker thread is abandoned at the deadline: it starts no request after it,
+        and the one it may be in is bounded by the socket timeout."""
+        budget = min(CLEANUP_SECONDS, self.timeout / 2)
+        deadline = time.monotonic() + budget
+        where = f"S3 bucket {self.config.bucket}"
+        with trio.move_on_after(budget) as scope:
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(self._abort_stale, deadline), abandon_on_cancel=True
+                )
+            except StorageError as exc:
+                warn(f"  {where}: stale multipart uploads not cleaned up: {exc}")
+        if scope.cancelled_caught:
+            warn(f"  {where}: cleanup of stale multipart uploads stopped after {budget:.0f}s")
+
+    def _abort_stale(self, deadline: float) -> int:
+        """Blocking: ListMultipartUploads (one page) under the fileprefix, then abort the
+        stale ones among them; how many were aborted."""
+        c = self.config
+        query = [("uploads", ""), ("max-uploads", str(LIST_UPLOADS))]
+        if c.fileprefix:
+            query.append(("prefix", c.fileprefix))
+        bucket = f"/{c.bucket}" if c.path_style else "/"
+        listing = self._call("list multipart uploads", "GET", bucket, tuple(query))
+        now = datetime.datetime.now(datetime.UTC)
+        aborted = 0
+        for name, upload in stale_uploads(listing.body, c.fileprefix, now)[:MAX_ABORTS]:
+            if time.monotonic() >= deadline:
+                break
+            try:
+                self._call(f"abort upload of {name}", "DELETE", c.object_path(name),
+                           (("uploadId", upload),))  # fmt: skip
+            except S3Error as exc:
+                if exc.code != "NoSuchUpload":  # gone meanwhile (another session's cleanup)
+                    raise
+            aborted += 1
+        return aborted
+
     # -- for indirect uploads --------------------------------------------------------------------
 
     def presign_put(
@@ -495,6 +560,33 @@ class S3Storage(SpecialStorage):
     async def aclose(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+def stale_uploads(
+    listing: bytes, prefix: str, now: datetime.datetime, age: float | None = None
+) -> list[tuple[str, str]]:
+    """(object name, upload id) of the uploads in a ListMultipartUploads answer that began
+    more than ``age`` seconds (default STALE_UPLOAD_SECONDS) before ``now``. An entry
+    outside ``prefix`` or without a readable Initiated time is never stale."""
+    limit = STALE_UPLOAD_SECONDS if age is None else age
+    found = []
+    text = listing.decode("utf-8", "replace")
+    for item in re.findall(r"<Upload>(.*?)</Upload>", text, re.S):
+        key = re.search(r"<Key>([^<]*)</Key>", item)
+        upload = re.search(r"<UploadId>([^<]+)</UploadId>", item)
+        initiated = re.search(r"<Initiated>([^<]+)</Initiated>", item)
+        if not (key and upload and initiated):
+            continue
+        name = html.unescape(key.group(1))
+        try:
+            began = datetime.datetime.fromisoformat(initiated.group(1).strip())
+        except ValueError:
+            continue
+        if began.tzinfo is None or not name.startswith(prefix):
+            continue
+        if (now - began).total_seconds() > limit:
+            found.append((name, html.unescape(upload.group(1))))
+    return found
 
 
 def _xml(text: str) -> str:

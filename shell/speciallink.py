@@ -60,10 +60,12 @@ REPORT = "proxied special remote reports: "
 
 
 def make_storage(
-    remote: Remote, fields: dict[str, str], gitdir: Path | None = None
-) -> SpecialStorage:
+    remote: Remote, fields: dict[str, str], gitdir: Path | None = None,
+    timeout: float | None = None,
+) -> SpecialStorage:  # fmt: skip
     """The storage of a special remote, by its remote.log ``type=``. A new type is one
-    more branch here and a `SpecialStorage` subclass; nothing else changes."""
+    more branch here and a `SpecialStorage` subclass; nothing else changes. ``timeout``
+    (the node timeout) bounds each network step of a storage that has them (S3)."""
     kind = fields.get("type")
     if kind == "directory":
         # As in git-annex, the directory is the proxy's own git config, not remote.log.
@@ -75,7 +77,8 @@ def make_storage(
         from shell.s3storage import S3Storage  # noqa: PLC0415 - only S3 remotes need it
 
         try:
-            return S3Storage.from_remote(remote.uuid, fields, remote.config, gitdir)
+            return S3Storage.from_remote(remote.uuid, fields, remote.config, gitdir,
+                                         timeout=timeout)  # fmt: skip
         except StorageError as exc:
             raise NodeError(f"{remote.name}: {exc}") from None
     raise NodeError(f"{remote.name}: special remote type {kind} is not supported")
@@ -112,7 +115,7 @@ class SpecialLink(NodeLink):
             self.stored = stored_cipher(fields)
         except (ChunkConfigError, CryptoConfigError) as exc:
             raise NodeError(f"{self.remote.name}: {exc}") from None
-        self.storage = CountingStorage(make_storage(self.remote, fields, gitdir))
+        self.storage = CountingStorage(make_storage(self.remote, fields, gitdir, self.timeout))
         await trio.to_thread.run_sync(Spool.remove_stale, self.annexdir)
         await self.storage.cleanup()
         self.branch = AnnexBranch(gitdir, self.annexdir)

@@ -22,9 +22,11 @@ It also needs annex.security.allowed-ip-addresses to talk to 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import http.client
 import os
+import re
 import subprocess
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
@@ -39,8 +41,10 @@ from s3server import MotoServer, moto_server
 from git_remote_annexproxy import chunks
 from git_remote_annexproxy.keys import Key
 from shell import s3creds, s3storage
+from shell.proxyselect import Remote
 from shell.s3creds import CredentialSource
 from shell.s3storage import S3Config, S3ConfigError, S3Storage
+from shell.speciallink import SpecialLink, make_storage
 from shell.specialstore import ObjectMissing, StorageError
 
 MiB = 1 << 20
@@ -209,6 +213,100 @@ async def test_missing_credentials_is_one_clear_line(
         await storage.present(Key.parse("SHA256E-s1--" + "e" * 64))
     assert str(info.value) == s3creds.MISSING_CREDS
     assert "AWS_ACCESS_KEY_ID" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_node_timeout_bounds_s3_connections(tmp_path: Path, creds_env: None) -> None:
+    """annexproxy.nodetimeout (the link's timeout) is the socket timeout of S3 requests;
+    without one, DEFAULT_TIMEOUT."""
+    fields = {"type": "S3", "bucket": "b", "host": "127.0.0.1", "port": "9",
+              "signature": "v4", "requeststyle": "path"}  # fmt: skip
+    remote = Remote("s3", UUID, "", 100.0, special=fields)
+    link = SpecialLink(remote, gitdir=tmp_path, config=None, timeout=7.5)
+    storage = make_storage(remote, fields, tmp_path, link.timeout)
+    assert isinstance(storage, S3Storage) and storage.timeout == 7.5
+    conn = storage._connect()
+    assert conn.timeout == 7.5
+    conn.close()
+    default = make_storage(remote, fields, tmp_path)
+    assert isinstance(default, S3Storage) and default.timeout == s3storage.DEFAULT_TIMEOUT
+
+
+async def test_link_open_gives_its_timeout_to_the_storage(
+    moto: MotoServer, creds_env: None, tmp_path: Path
+) -> None:
+    fields = s3_fields(moto, new_bucket(moto, "linktimeout"))
+    link = SpecialLink(Remote("s3", UUID, "", 100.0, special=fields), gitdir=tmp_path,
+                       config=None, timeout=12.5)  # fmt: skip
+    await link.open(None)
+    try:
+        assert link.storage is not None and isinstance(link.storage.inner, S3Storage)
+        assert link.storage.inner.timeout == 12.5
+    finally:
+        await link.aclose()
+
+
+def uploads_in(server: MotoServer, bucket: str) -> list[str]:
+    """The object names of the bucket's unfinished multipart uploads."""
+    status, _, body = server.request("GET", f"/{bucket}?uploads")
+    assert status == 200, body
+    return sorted(re.findall(r"<Key>([^<]*)</Key>", body.decode()))
+
+
+def test_which_uploads_are_stale() -> None:
+    now = datetime.datetime(2026, 5, 1, 12, 0, tzinfo=datetime.UTC)
+    listing = b"""<ListMultipartUploadsResult><Bucket>b</Bucket>
+      <Upload><Key>p/old &amp; dead</Key><UploadId>u1</UploadId>
+        <Initiated>2026-04-01T00:00:00.000Z</Initiated></Upload>
+      <Upload><Key>p/live</Key><UploadId>u2</UploadId>
+        <Initiated>2026-05-01T11:00:00.000Z</Initiated></Upload>
+      <Upload><Key>q/outside</Key><UploadId>u3</UploadId>
+        <Initiated>2020-01-01T00:00:00.000Z</Initiated></Upload>
+      <Upload><Key>p/no date</Key><UploadId>u4</UploadId>
+        <Initiated>yesterday</Initiated></Upload>
+    </ListMultipartUploadsResult>"""
+    assert s3storage.stale_uploads(listing, "p/", now) == [("p/old & dead", "u1")]
+    assert s3storage.stale_uploads(listing, "p/", now, age=1800) == [
+        ("p/old & dead", "u1"), ("p/live", "u2")]  # fmt: skip
+    assert len(s3storage.stale_uploads(listing, "", now)) == 2
+    assert s3storage.STALE_UPLOAD_SECONDS >= 24 * 3600
+
+
+async def test_cleanup_aborts_stale_uploads_under_the_prefix(
+    moto: MotoServer, creds_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto 5.2.5 reports every upload as initiated 2010-11-10, so all look stale; an age
+    larger than that shows the age is what decides."""
+    bucket = new_bucket(moto, "leftovers")
+    storage = S3Storage.from_remote(UUID, s3_fields(moto, bucket, fileprefix="pre/"), {})
+    key = Key.parse("SHA256E-s5--" + "f" * 64)
+    await storage.store(key, pieces(b"kept!"))
+    for name in ("pre/A", "pre/B", "pre/C", "other/D"):  # as a killed proxy leaves them
+        storage._call("create", "POST", storage.config.object_path(name), (("uploads", ""),))
+    assert uploads_in(moto, bucket) == ["other/D", "pre/A", "pre/B", "pre/C"]
+    monkeypatch.setattr(s3storage, "STALE_UPLOAD_SECONDS", 100 * 365 * 24 * 3600.0)
+    await storage.cleanup()
+    assert uploads_in(moto, bucket) == ["other/D", "pre/A", "pre/B", "pre/C"]
+    monkeypatch.undo()
+    monkeypatch.setattr(s3storage, "MAX_ABORTS", 2)  # bounded per open
+    await storage.cleanup()
+    assert len(uploads_in(moto, bucket)) == 2 and "other/D" in uploads_in(moto, bucket)
+    await storage.cleanup()
+    assert uploads_in(moto, bucket) == ["other/D"]  # outside the fileprefix: not ours
+    assert moto.list_objects(bucket) == {"pre/" + str(key): 5}
+    assert await read_all(storage, key) == b"kept!"
+    await storage.aclose()
+
+
+async def test_cleanup_failures_only_warn(
+    moto: MotoServer, creds_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nobucket = S3Storage.from_remote(UUID, s3_fields(moto, "no-such-bucket"), {})
+    await nobucket.cleanup()
+    closed = S3Storage.from_remote(UUID, {**s3_fields(moto, "x"), "port": str(_closed_port())}, {})
+    await closed.cleanup()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "NoSuchBucket" in err[0] and "cannot reach" in err[1]
 
 
 def test_credentials_from_the_creds_file_and_plain_remote_log(
