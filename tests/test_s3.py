@@ -541,7 +541,13 @@ def test_proxy_stores_git_annex_reads_and_the_layouts_agree(world: World, name: 
     world.direct_pull()
     world.admin("git", "annex", "copy", "-q", "--key", str(key), "--to", name, cwd=world.direct)
     theirs = {k: v for k, v in world.objects(name).items() if k not in before}
-    assert theirs == ours
+    if REMOTES[name]["encryption"] == "none":
+        assert theirs == ours
+    else:
+        # Same object names; gpg's output for the same plaintext may differ in length by
+        # a few bytes between runs (its packet framing), so sizes only nearly agree.
+        assert theirs.keys() == ours.keys()
+        assert all(abs(theirs[k] - ours[k]) <= 16 for k in ours), (theirs, ours)
     prefix = REMOTES[name].get("fileprefix", "")
     assert all(k.startswith(prefix) for k in ours)
     if REMOTES[name]["encryption"] == "none":
