@@ -144,12 +144,14 @@ EOF
     done
 }
 
-# Run a command as the client: a clean environment, fake ssh first on PATH.
-client() {
+# client_on PATH CMD...: run a command as the client, in a clean environment with PATH
+# (the fake ssh first) and the fake sshd's settings.
+client_on() {
+    local path=$1
+    shift
     env -i \
         HOME="$world/home-client" USER="${USER:-demo}" LANG=C.UTF-8 LC_ALL=C.UTF-8 TZ=UTC \
-        PATH="$world/bin:$venv/bin:/usr/local/bin:/usr/bin:/bin" \
-        GIT_CONFIG_NOSYSTEM=1 \
+        PATH="$path" GIT_CONFIG_NOSYSTEM=1 \
         FAKESSH_MODE="${FAKESSH_MODE:-forced}" \
         FAKESSH_SERVER_ENV="${FAKESSH_SERVER_ENV:-}" \
         FAKESSH_SERVER_HOME="$world/home-server" \
@@ -157,6 +159,9 @@ client() {
         FAKESSH_LOG="$world/ssh.jsonl" \
         "$@"
 }
+
+# Run a command as the client with git-annex (the venv's) on PATH.
+client() { client_on "$world/bin:$venv/bin:/usr/local/bin:/usr/bin:/bin" "$@"; }
 
 # Run a command as the server's administrator, with the real git and git-annex only.
 admin() {
@@ -316,15 +321,7 @@ bare_client() {
         mkdir -p "$only"
         ln -s "$venv/bin/git-annexproxy" "$venv/bin/git-remote-annexproxy" "$only/"
     fi
-    env -i \
-        HOME="$world/home-client" USER="${USER:-demo}" LANG=C.UTF-8 LC_ALL=C.UTF-8 TZ=UTC \
-        PATH="$world/bin:$only:/usr/bin:/bin" GIT_CONFIG_NOSYSTEM=1 \
-        FAKESSH_MODE="${FAKESSH_MODE:-forced}" \
-        FAKESSH_SERVER_ENV="${FAKESSH_SERVER_ENV:-}" \
-        FAKESSH_SERVER_HOME="$world/home-server" \
-        FAKESSH_SERVER_PATH="$world/bin:$world/srvbin:$venv/bin:/usr/bin:/bin" \
-        FAKESSH_LOG="$world/ssh.jsonl" \
-        "$@"
+    client_on "$world/bin:$only:/usr/bin:/bin" "$@"
 }
 
 # The same proxy, from a clone made by git-remote-annexproxy on a client without git-annex:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -464,18 +465,20 @@ class ObjectService:
             warn(f"  {name}: stored object does not match what was presigned; kept")
         await self.front.send(p2p.Failure())
 
+    async def _read_back(self, key: Key, update: Callable[[bytes], object]) -> None:
+        """Stream a stored object through ``update`` (the checks below read it back)."""
+        async with contextlib.aclosing(self.storage.retrieve(key)) as it:
+            async for piece in it:
+                update(piece)
+
     async def _digest(self, key: Key) -> str:
         """SHA-256 of a stored object, read back (a storage that reports none)."""
         h = hashlib.sha256()
-        async with contextlib.aclosing(self.storage.retrieve(key)) as it:
-            async for piece in it:
-                h.update(piece)
+        await self._read_back(key, h.update)
         return h.hexdigest()
 
     async def _verifies(self, key: Key) -> bool:
         """The stored object, read back, is the content of ``key`` (its hash)."""
         verifier = key.verifier()
-        async with contextlib.aclosing(self.storage.retrieve(key)) as it:
-            async for piece in it:
-                verifier.update(piece)
+        await self._read_back(key, verifier.update)
         return verifier.ok()
