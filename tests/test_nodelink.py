@@ -27,6 +27,9 @@ GW2 = "9a7e0000-0000-4000-8000-000000000002"
 KEY_TEXT = "SHA256E-s10--6d2a9b1b9ab5a2c6cc8e55ccde2a3a9a5b8f8e9bcf5d2ee04b5c1a0a3a6d8c4d.bin"
 KEY = Key.parse(KEY_TEXT)
 TIMEOUT = 30.0
+# How long `session` waits for the node script after the body (the first line it waits for
+# is usually there already; generous because a loaded machine may be slow to schedule us).
+SCRIPT_GRACE = 10.0
 
 
 class FakeNode:
@@ -93,11 +96,16 @@ async def session(
     bypass: frozenset[str] = frozenset(),
     timeout: float = TIMEOUT,
     buffered: bool = False,
+    node_may_wait: bool = False,
 ) -> P2PLink:
-    """Attach a link to a node running `script`, then run `body` on the link. The node
-    script must run to its end (its assertions are the wire checks); a node still
-    waiting when `body` is done is cancelled. `buffered` streams let the node send
-    without the link reading (a reply can then sit in the pipe, as with real pipes)."""
+    """Attach a link to a node running `script`, then run `body` on the link.
+
+    The node script must run to its end: its expectations are the wire checks, and one the
+    link never meets (a line never sent, an EOF that never comes) leaves the script waiting.
+    A script still waiting `SCRIPT_GRACE` seconds after `body` fails the test, unless
+    `node_may_wait` says the test means it (a node that hangs on purpose); then it is
+    cancelled. `buffered` streams let the node send without the link reading (a reply can
+    then sit in the pipe, as with real pipes)."""
     pair = trio.testing.memory_stream_pair if buffered else trio.testing.lockstep_stream_pair
     link_end, node_end = pair()
     link = make_link(timeout)
@@ -113,10 +121,44 @@ async def session(
         await link.attach(link_end, link_end, version, bypass)
         await body(link)
         # Let a node that only had to observe the link's last words finish.
-        with trio.move_on_after(1):
+        with trio.move_on_after(SCRIPT_GRACE):
             await finished.wait()
         nursery.cancel_scope.cancel()
+    if not finished.is_set() and not node_may_wait:
+        pytest.fail(
+            f"the fake node's script did not finish within {SCRIPT_GRACE} s of the link's "
+            f"last action: it waits for something the link never sent (unread: "
+            f"{bytes(node.buffer)!r}); pass node_may_wait=True if the node hangs on purpose"
+        )
     return link
+
+
+# --- the helper itself -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("last", ["a final line", "the link's EOF"])
+async def test_session_fails_when_the_node_script_does_not_finish(
+    autojump_clock: trio.testing.MockClock, last: str
+) -> None:
+    """An expectation after the link's last action is checked: a node still waiting for a
+    line the link never sends (or for an EOF, the link staying open) fails the test."""
+
+    async def node(n: FakeNode) -> None:
+        await handshake(n)
+        await n.expect(f"CHECKPRESENT {KEY_TEXT}")
+        await n.say("SUCCESS")
+        if last == "a final line":
+            await n.expect("SUCCESS")  # never sent: CHECKPRESENT has no verdict
+        else:
+            assert await n.at_eof()  # never: the body does not close the link
+
+    async def body(link: P2PLink) -> None:
+        assert await link.checkpresent(KEY)
+
+    with pytest.raises(pytest.fail.Exception, match="did not finish"):
+        await session(node, body)
+    # The explicit opt-out, for a node that hangs on purpose.
+    await session(node, body, node_may_wait=True)
 
 
 # --- negotiation ------------------------------------------------------------------------------
@@ -443,7 +485,7 @@ async def test_node_that_never_answers_is_bounded(autojump_clock: trio.testing.M
         assert trio.current_time() - start == pytest.approx(TIMEOUT)
         assert link.dead
 
-    await session(node, body)
+    await session(node, body, node_may_wait=True)  # the node hangs on purpose
 
 
 async def test_node_that_stops_reading_mid_put_is_bounded(
@@ -466,7 +508,7 @@ async def test_node_that_stops_reading_mid_put_is_bounded(
         assert trio.current_time() - start == pytest.approx(TIMEOUT)
         assert link.dead
 
-    await session(node, body)
+    await session(node, body, node_may_wait=True)  # the node hangs on purpose
 
 
 async def test_node_that_stalls_mid_get_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
@@ -485,7 +527,7 @@ async def test_node_that_stalls_mid_get_is_bounded(autojump_clock: trio.testing.
             await pieces.__anext__()
         assert trio.current_time() - start == pytest.approx(TIMEOUT)
 
-    await session(node, body)
+    await session(node, body, node_may_wait=True)  # the node hangs on purpose
 
 
 async def test_request_cut_short_by_the_caller_kills_the_link(

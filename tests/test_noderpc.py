@@ -56,6 +56,9 @@ N1 = "40de0000-0000-4000-8000-000000000001"
 GW1 = "9a7e0000-0000-4000-8000-000000000001"
 KEY = Key.parse("SHA256E-s10--6d2a9b1b9ab5a2c6cc8e55ccde2a3a9a5b8f8e9bcf5d2ee04b5c1a0a3a6d8c4d.bin")
 TIMEOUT = 30.0
+# How long `session` waits for the node script after the body (generous: a loaded machine
+# may be slow to schedule the node's task; a finished script costs nothing of it).
+SCRIPT_GRACE = 10.0
 
 
 def key_of(data: bytes, ext: str = ".bin") -> Key:
@@ -126,30 +129,67 @@ async def session(
     timeout: float = TIMEOUT,
     window: int = rpc.DEFAULT_WINDOW,
     lockstep: bool = False,
+    node_may_wait: bool = False,
 ) -> RpcLink:
     """Attach a link to a fake node running `script` (after the handshake), run `body` on
-    the link, close it. The script must finish (its asserts are the wire checks) unless
-    the body's end makes it moot; a script still waiting 1 s after is cancelled."""
+    the link, close it.
+
+    The script must run to its end: its asserts are the wire checks, and one the link never
+    meets leaves it waiting. A script still waiting `SCRIPT_GRACE` seconds after `body`
+    fails the test, unless `node_may_wait` says the test means it (a node that hangs on
+    purpose); then it is cancelled."""
     pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
     link_end, node_end = pair()
     link = make_link(timeout)
     node = FakeNode(node_end, window)
     finished = trio.Event()
+    node_scope = trio.CancelScope()
 
     async def run_node() -> None:
-        await node.accept()
-        await script(node)
-        finished.set()
+        with node_scope:
+            await node.accept()
+            await script(node)
+            finished.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_node)
         await link.attach(link_end, link_end, version)
         await body(link)
-        with trio.move_on_after(1):
+        with trio.move_on_after(SCRIPT_GRACE):
             await finished.wait()
+        # Stopped before the close, which it would otherwise see as a (racy) failure.
+        node_scope.cancel()
         await link.aclose()
         nursery.cancel_scope.cancel()
+    if not finished.is_set() and not node_may_wait:
+        pytest.fail(
+            f"the fake node's script did not finish within {SCRIPT_GRACE} s of the link's "
+            "last action: it waits for something the link never sent; pass "
+            "node_may_wait=True if the node hangs on purpose"
+        )
     return link
+
+
+# --- the helper itself -----------------------------------------------------------------------
+
+
+async def test_session_fails_when_the_node_script_does_not_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An expectation after the link's last action is checked: a node still waiting for a
+    request the link never makes fails the test."""
+
+    async def script(node: FakeNode) -> None:
+        await node.answer(await node.request("timestamp"), {"ts": 1})
+        await node.request("timestamp")  # never made
+
+    async def body(link: RpcLink) -> None:
+        assert await link.timestamp() == 1
+
+    with pytest.raises(pytest.fail.Exception, match="did not finish"):
+        await session(script, body)
+    # The explicit opt-out, for a node that hangs on purpose.
+    await session(script, body, node_may_wait=True)
 
 
 # --- concurrency ----------------------------------------------------------------------------------
@@ -509,7 +549,7 @@ async def test_node_that_stops_reading_is_bounded(autojump_clock: trio.testing.M
         await trio.sleep(1)  # the write that never progressed has failed by now, if not before
         assert link.dead
 
-    await session(script, body, lockstep=True)
+    await session(script, body, lockstep=True, node_may_wait=True)  # it hangs on purpose
 
 
 @pytest.mark.parametrize(
