@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch(argv)
     except ShellError as exc:
         sys.stdout.flush()
-        sys.stderr.write(f"git-annex-shell: {exc.message}\n")
+        # git-annex-shell ends every error with a blank line (its giveup; the byte-exact
+        # comparison is tests/test_cli.py's test_error_output_is_git_annex_shells).
+        sys.stderr.write(f"git-annex-shell: {exc.message}\n\n")
         sys.stderr.flush()
         return exc.exit_code
     except KeyboardInterrupt:

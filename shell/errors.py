@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class ShellError(Exception):
-    """A refusal or failure, printed as one line `git-annex-shell: <message>`.
+    """A refusal or failure, printed as one line `git-annex-shell: <message>` and a blank
+    line, as git-annex-shell prints its errors.
 
     The exit code is 1 unless a command documents another (inannex uses 100). It is never
     255, which git-annex reads as "ssh failed".

@@ -18,6 +18,7 @@ an authorized_keys forced command would. Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -98,6 +99,52 @@ def our_shell() -> Path:
             "overwrote it?); reinstall the project: pip install --force-reinstall --no-deps -e ."
         )
     return script
+
+
+def git_annex_multicall() -> Path:
+    """The wheel's multicall binary: git-annex, or git-annex-shell when argv[0] says so."""
+    git_annex = pytest.importorskip("git_annex")
+    binary = Path(git_annex.__file__).resolve().parent / "git-annex"
+    if not binary.is_file():
+        pytest.fail(f"the git-annex wheel has no binary at {binary}")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def real_annex_shell(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """git-annex's own `git-annex-shell`: a symlink of that name to the multicall binary
+    (the venv's script of that name is ours)."""
+    link = tmp_path_factory.mktemp("realbin") / "git-annex-shell"
+    link.symlink_to(git_annex_multicall())
+    return link
+
+
+# A refusal git-annex-shell prints without needing a repository or a network.
+_PROBE_ENV = {"GIT_ANNEX_SHELL_LIMITED": "1", "PATH": SERVER_SYSTEM_PATH}
+_PROBE_MESSAGE = "git-annex-shell: Action blocked by GIT_ANNEX_SHELL_LIMITED"
+
+
+@functools.cache
+def _error_ending() -> str:
+    proc = subprocess.run(
+        ["git-annex-shell", "-c", "true"],
+        executable=git_annex_multicall(),
+        env=_PROBE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith(_PROBE_MESSAGE), proc
+    return proc.stderr.removeprefix(_PROBE_MESSAGE)
+
+
+def shell_error(message: str) -> str:
+    """The stderr of a git-annex-shell that fails with `message`, for messages only ours
+    prints. The layout around the message (the prefix, and what follows it: git-annex ends
+    an error with a blank line) is read from git-annex's own git-annex-shell refusing a
+    command, once per run, not written down here."""
+    return f"git-annex-shell: {message}{_error_ending()}"
 
 
 class SshEnv(dict[str, str]):

@@ -1,8 +1,14 @@
-"""argv grammar, field whitelist and restriction checks (annex-shell.md §1, §5)."""
+"""argv grammar, field whitelist and restriction checks (annex-shell.md §1, §5), and our
+error output beside git-annex's own git-annex-shell run on the same command lines."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
 import pytest
+from conftest import shell_error
 
 from shell import cli, restrict
 from shell.errors import ShellError
@@ -77,7 +83,7 @@ def test_builtin_without_dir(capsys: pytest.CaptureFixture[str]) -> None:
 def test_overlong_command_refused(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main(["-c", "git-annex-shell " + "x" * (cli.MAX_ARGV_BYTES + 1)], capsys)
     assert (code, out) == (1, "")
-    assert err == "git-annex-shell: command line too long\n"
+    assert err == shell_error("command line too long")  # our message, git-annex's layout
     code, _, err = run_main(["configlist"] + ["a"] * (cli.MAX_ARGS + 1), capsys)
     assert code == 1 and "too long" in err
 
@@ -171,30 +177,181 @@ def test_directory_message_is_canonical() -> None:
     )
 
 
+def real_run(real_shell: Path, argv: list[str]) -> tuple[int, str, str]:
+    """git-annex's own git-annex-shell on `argv`, in this process's environment."""
+    proc = subprocess.run(
+        [str(real_shell), *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_limited_blocks_passthrough(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    real_annex_shell: Path,
 ) -> None:
     monkeypatch.setenv("GIT_ANNEX_SHELL_LIMITED", "1")
-    code, out, err = run_main(["-c", "git-upload-pack '/srv/r.git'"], capsys)
-    assert (code, out, err) == (
-        1,
-        "",
-        "git-annex-shell: Action blocked by GIT_ANNEX_SHELL_LIMITED\n",
-    )
+    argv = ["-c", "git-upload-pack '/srv/r.git'"]
+    code, out, err = run_main(argv, capsys)
+    assert (code, out, err) == real_run(real_annex_shell, argv)
+    assert "Action blocked by GIT_ANNEX_SHELL_LIMITED" in err
     code, _, err = run_main(["-c", "true"], capsys)
     assert code == 1 and "GIT_ANNEX_SHELL_LIMITED" in err
 
 
 def test_directory_checked_for_passthrough(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    real_annex_shell: Path,
 ) -> None:
     monkeypatch.setenv("GIT_ANNEX_SHELL_DIRECTORY", "/srv/a.git")
-    code, _, err = run_main(["-c", "git-upload-pack '/srv/b.git'"], capsys)
-    assert (
-        code == 1 and err == "git-annex-shell: Only allowed to access /srv/a.git not /srv/b.git\n"
-    )
+    argv = ["-c", "git-upload-pack '/srv/b.git'"]
+    code, out, err = run_main(argv, capsys)
+    assert (code, out, err) == real_run(real_annex_shell, argv)
+    assert "Only allowed to access /srv/a.git not /srv/b.git" in err
 
 
 def test_upload_archive_off_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(["-c", "git-upload-archive '/srv/r.git'"], capsys)
     assert code == 1 and "git-upload-archive is disabled" in err
+
+
+# --- errors as git-annex-shell prints them -----------------------------------------------------
+#
+# Both shells run the same command line in the same environment; where the message is one
+# git-annex has too, our stderr must be its stderr byte for byte (the text and its ending:
+# git-annex ends an error with a blank line). Expectations come from that run, not from us.
+# Not compared: option errors (`--bogus`, `--uuid` without a value), which git-annex's
+# option parser reports in its own format (no `git-annex-shell:` prefix, then its usage;
+# the ending varies with the usage text); ours are `git-annex-shell:` lines like the rest,
+# and end like them (conftest.shell_error).
+
+REPO_UUID = "5e7e0000-0000-4000-8000-000000000001"
+WRONG_UUID = "00000000-dead-4000-8000-000000000000"
+CLIENT_UUID = "c1e70000-0000-4000-8000-000000000001"
+SOME_KEY = "SHA256E-s6--7e4fa2eb8c7ac089739d5defc4489fad68a100d92082ca35c6b40a4524821f87.txt"
+SYSTEM_PATH = "/usr/bin:/bin"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path) -> Path:
+    """A server HOME holding repo.git, initialised by the real git-annex (fixed UUID)."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".gitconfig").write_text(
+        "[user]\n\tname = admin\n\temail = admin@example.invalid\n", encoding="utf-8"
+    )
+    env = {**shell_env(home), "PATH": f"{annex_bin}:{SYSTEM_PATH}"}
+    repo = home / "repo.git"
+    for argv in (
+        ["git", "init", "-q", "--bare", str(repo)],
+        ["git", "-C", str(repo), "config", "annex.uuid", REPO_UUID],
+        ["git", "-C", str(repo), "annex", "init", "-q", "server"],
+    ):
+        subprocess.run(argv, env=env, check=True, capture_output=True, timeout=120)
+    return home
+
+
+def shell_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {
+        "HOME": str(home),
+        "PATH": SYSTEM_PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        **(extra or {}),
+    }
+
+
+def run_both(
+    our_shell: Path, real_shell: Path, argv: Sequence[str], env: Mapping[str, str], cwd: Path
+) -> tuple[subprocess.CompletedProcess[bytes], subprocess.CompletedProcess[bytes]]:
+    def run(shell: Path) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(shell), *argv],
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+
+    return run(our_shell), run(real_shell)
+
+
+Case = tuple[Callable[[Path], list[str]], dict[str, str]]
+SHARED_ERRORS: dict[str, Case] = {
+    "limited-passthrough": (
+        lambda h: ["-c", f"git-upload-pack '{h}/repo.git'"],
+        {"GIT_ANNEX_SHELL_LIMITED": "1"},
+    ),
+    "limited-true": (lambda h: ["-c", "true"], {"GIT_ANNEX_SHELL_LIMITED": "1"}),
+    "directory-passthrough": (
+        lambda h: ["-c", "git-upload-pack '/srv/b.git'"],
+        {"GIT_ANNEX_SHELL_DIRECTORY": "/srv/a.git"},
+    ),
+    "directory-builtin-tilde": (
+        lambda h: ["-c", f"git-annex-shell 'configlist' '{h}/b.git'"],
+        {"GIT_ANNEX_SHELL_DIRECTORY": "/srv/a.git"},
+    ),
+    "readonly-dropkey": (
+        lambda h: ["dropkey", f"{h}/repo.git", "--force", SOME_KEY],
+        {"GIT_ANNEX_SHELL_READONLY": "1"},
+    ),
+    "appendonly-dropkey": (
+        lambda h: ["dropkey", f"{h}/repo.git", "--force", SOME_KEY],
+        {"GIT_ANNEX_SHELL_APPENDONLY": "1"},
+    ),
+    "dropkey-without-force": (lambda h: ["dropkey", f"{h}/repo.git", SOME_KEY], {}),
+    "p2pstdio-missing-uuid": (lambda h: ["p2pstdio", f"{h}/repo.git"], {}),
+    "uuid-mismatch-configlist": (
+        lambda h: ["configlist", f"{h}/repo.git", "--uuid", WRONG_UUID],
+        {},
+    ),
+    "uuid-mismatch-p2pstdio": (
+        lambda h: ["p2pstdio", f"{h}/repo.git", CLIENT_UUID, "--uuid", WRONG_UUID],
+        {},
+    ),
+    "not-a-repository": (lambda h: ["configlist", f"{h}/nonexistent.git"], {}),
+    # git-shell's own complaint, then git-annex-shell's.
+    "git-shell-failed": (lambda h: ["frobnicate", f"{h}/repo.git"], {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARED_ERRORS))
+def test_error_output_is_git_annex_shells(
+    case: str, home: Path, our_shell: Path, real_annex_shell: Path
+) -> None:
+    make_argv, extra = SHARED_ERRORS[case]
+    ours, real = run_both(
+        our_shell, real_annex_shell, make_argv(home), shell_env(home, extra), home
+    )
+    # The case is one where git-annex-shell refuses with a message of its own.
+    assert real.returncode == 1, real
+    assert real.stderr.startswith(b"git-annex-shell: ") or b"\ngit-annex-shell: " in real.stderr
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        real.returncode,
+        real.stdout,
+        real.stderr,
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["-c", "configlist"]], ids=["no-args", "no-directory"])
+def test_bad_parameters_is_laid_out_as_git_annex_shells(
+    argv: list[str], home: Path, our_shell: Path, real_annex_shell: Path
+) -> None:
+    """Our usage text lists our commands, so only its frame is compared: the first line,
+    the blank line after it, and how the whole ends."""
+    ours, real = run_both(our_shell, real_annex_shell, argv, shell_env(home), home)
+    assert ours.returncode == real.returncode == 1
+    assert ours.stdout == real.stdout == b""
+
+    def frame(err: bytes) -> tuple[list[bytes], int]:
+        return err.split(b"\n")[:3], len(err) - len(err.rstrip(b"\n"))
+
+    assert frame(ours.stderr) == frame(real.stderr), (ours.stderr, real.stderr)

@@ -30,7 +30,7 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from conftest import SshEnv, SshEnvFactory
+from conftest import SshEnv, SshEnvFactory, shell_error
 from test_e2e_proxy import Site, holders, uuids_of
 
 from git_remote_annexproxy import rpc
@@ -1017,7 +1017,7 @@ def test_worker_is_not_proxyable(ssh_env: SshEnvFactory) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stdout == b""
-    assert proc.stderr == b"git-annex-shell: Cannot proxy noderpc command.\n"
+    assert proc.stderr.decode() == shell_error("Cannot proxy noderpc command.")  # ours only
 
 
 # --- the proxy, end to end ----------------------------------------------------------------------

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SshEnvFactory
+from conftest import SshEnvFactory, shell_error
 from p2pdriver import (
     CLIENT_UUID,
     Form,
@@ -65,7 +65,6 @@ K_BIG = sha256e_key(BIG, ".bin")  # present on the server
 ERROR_UNKNOWN = "ERROR unknown command"
 ERROR_READONLY = f"ERROR {READONLY_DENIED}"
 ERROR_APPENDONLY = f"ERROR {APPENDONLY_DENIED}"
-LIMITED_BLOCKED = "git-annex-shell: Action blocked by GIT_ANNEX_SHELL_LIMITED\n"
 
 # Programs an injected command would run; each copy records that it ran, which it never may.
 TRAPPED_PROGRAMS = ("rm", "bash", "sh", "touch", "id", "curl", "evil")
@@ -295,13 +294,13 @@ def git_annex_shell_lines(stderr: str) -> list[str]:
 
 def assert_refused(proc: subprocess.CompletedProcess[str], message: str | None = None) -> None:
     """Refused as the spec says: exit 1 (never 0 or 255), nothing on stdout, and exactly one
-    `git-annex-shell: ...` line on stderr, the last one (git-shell's own `fatal:` may precede
-    it, as with git-annex's own git-annex-shell)."""
+    `git-annex-shell: ...` line on stderr, the last one, ending as git-annex's errors do
+    (git-shell's own `fatal:` may precede it, as with git-annex's own git-annex-shell)."""
     assert proc.returncode == 1, proc
     assert proc.stdout == "", proc
     ours = git_annex_shell_lines(proc.stderr)
     assert len(ours) == 1, proc.stderr
-    assert proc.stderr.rstrip("\n").splitlines()[-1] == ours[0], proc.stderr
+    assert proc.stderr.endswith(shell_error(ours[0].removeprefix("git-annex-shell: "))), proc.stderr
     assert "Traceback" not in proc.stderr
     if message is not None:
         assert ours[0] == f"git-annex-shell: {message}", proc.stderr
@@ -462,7 +461,7 @@ def test_row_03_nul_byte_is_refused(
     ):
         assert cli.main(argv) == 1
         out, err = capsys.readouterr()
-        assert (out, err) == ("", "git-annex-shell: NUL byte in command line\n")
+        assert (out, err) == ("", shell_error("NUL byte in command line"))
 
 
 # == row 4: options smuggled in as arguments ===============================================
@@ -779,7 +778,7 @@ def test_row_09_repository_owned_by_another_user_is_refused(server: Server) -> N
             assert s.at_eof()  # not even AUTH-SUCCESS
             result = s.finish()
         assert result.code == 1
-        assert result.stderr == f"git-annex-shell: {message}\n"
+        assert result.stderr == shell_error(message)  # git's refusal, in git-annex's layout
         assert_refused(server.builtin(["configlist", str(server.repo)], form), message)
     assert not ran.exists()
     assert_unchanged(before, snapshot(server.root))
@@ -802,7 +801,7 @@ def test_row_09_world_writable_repository_is_refused(server: Server) -> None:
         with server.session(form=form) as s:
             assert s.at_eof()  # not even AUTH-SUCCESS
             result = s.finish()
-        assert (result.code, result.stderr) == (1, f"git-annex-shell: {message}\n")
+        assert (result.code, result.stderr) == (1, shell_error(message))  # ours only
     assert not ran.exists()
     assert_unchanged(before, snapshot(server.root))
     server.repo.chmod(0o1777)  # sticky: others cannot replace what is there
@@ -814,20 +813,26 @@ def test_row_09_world_writable_repository_is_refused(server: Server) -> None:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_row_10_uuid_mismatch_is_refused_before_anything(server: Server, form: Form) -> None:
+def test_row_10_uuid_mismatch_is_refused_before_anything(
+    server: Server, form: Form, real_annex_shell: Path
+) -> None:
     wrong = "00000000-dead-4000-8000-000000000000"
     before = snapshot(server.root)
     with server.session(form=form, uuid=wrong) as s:
         assert s.at_eof()
         result = s.finish()
     assert result.code == 1
-    assert result.stderr == (
-        f"git-annex-shell: expected repository UUID {wrong} but found UUID {server.uuid}\n"
-    )
     proc = server.builtin(["configlist", str(server.repo), "--uuid", wrong], form)
     assert_refused(proc, f"expected repository UUID {wrong} but found UUID {server.uuid}")
     assert_unchanged(before, snapshot(server.root))
     assert server.has_object(K_HELLO, HELLO)
+    # git-annex's own git-annex-shell on the same command line says the same, byte for byte
+    # (run last: it writes annex/mergedrefs, which ours leaves alone).
+    argv = p2pstdio_argv(real_annex_shell, server.repo, form=form, uuid=wrong)
+    real = run_shell(argv, env=server.env(), cwd=server.home)
+    assert (real.returncode, real.stdout) == (1, "")
+    assert result.stderr == real.stderr
+    assert f"expected repository UUID {wrong} but found UUID {server.uuid}" in real.stderr
     # The right UUID is served.
     with server.session(form=form, uuid=server.uuid) as s:
         assert s.handshake() == server.uuid
@@ -1026,13 +1031,18 @@ def test_row_13_appendonly_ref_rewrites_are_gits_job(
         ["-c", "frobnicate"],
     ],
 )
-def test_row_14_limited_blocks_every_passthrough(server: Server, argv_tail: list[str]) -> None:
+def test_row_14_limited_blocks_every_passthrough(
+    server: Server, argv_tail: list[str], real_annex_shell: Path
+) -> None:
     bindir, record = fake_git_shell(server)
     argv = [a.format(repo=server.repo) for a in argv_tail]
     before = snapshot(server.root)
-    proc = server.run(argv, env={"GIT_ANNEX_SHELL_LIMITED": "1", "PATH": f"{bindir}:/usr/bin:/bin"})
-    assert_refused(proc)
-    assert proc.stderr == LIMITED_BLOCKED
+    env = {"GIT_ANNEX_SHELL_LIMITED": "1", "PATH": f"{bindir}:/usr/bin:/bin"}
+    proc = server.run(argv, env=env)
+    assert_refused(proc, "Action blocked by GIT_ANNEX_SHELL_LIMITED")
+    # As git-annex's own git-annex-shell refuses the same command line, byte for byte.
+    real = run_shell([str(real_annex_shell), *argv], env=server.env(env), cwd=server.home)
+    assert (proc.returncode, proc.stderr) == (real.returncode, real.stderr)
     assert read_records(record) == []
     assert_unchanged(before, snapshot(server.root))
 
