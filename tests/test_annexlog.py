@@ -1,9 +1,13 @@
 """Tests for git_remote_annexproxy.annexlog (pure).
 
-The fixed vectors were recorded from git-annex 10.20261026: the "old" content was written
-into ``annex/journal/`` of a throw-away repository, then ``GIT_ANNEX_VECTOR_CLOCK=<now> git
--c annex.alwayscommit=false annex setpresentkey KEY UUID 0|1`` (or ``annex describe``) was
-run and the journal file read back. ``tests/test_branch.py`` repeats such comparisons live.
+The fixed vectors in the tables below (PRESENCE_ORACLE, EQUAL_CLOCK, NEWEST_WINS,
+CLOCK_PARSE, CLOCK_REJECTS, CLOCK_FORMAT, LOG_PATHS, JOURNAL_QUIRKS, DESCRIBE_*) say what
+git-annex 10.20261026 does. They were recorded from it (the "old" content written into
+``annex/journal/`` of a throw-away repository, then ``GIT_ANNEX_VECTOR_CLOCK=<now> git -c
+annex.alwayscommit=false annex setpresentkey KEY UUID 0|1`` or ``annex describe`` run and
+the journal file read back), and ``tests/test_branch.py`` (section "the recorded vectors,
+rerun") runs git-annex on every one of them in CI, so none is only our word. Vectors
+without such a table (round trips, ``a/b__c/d``) are our own invariants.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from traces import branch_file
 
 from git_remote_annexproxy import annexlog
 from git_remote_annexproxy.annexlog import LogLine, VectorClock
@@ -96,57 +101,65 @@ def test_add_presence_accepts_integer_seconds_and_none() -> None:
     assert annexlog.add_presence(None, A, True, 1795562601) == lines(f"1795562601s 1 {A}")
 
 
+# An old clock equal to the candidate also forces +1 (describe showed it too):
+# (old, uuid, present, candidate seconds, what git-annex wrote)
+EQUAL_CLOCK = (lines(f"1700000000s 1 {A}"), A, False, 1700000000, lines(f"1700000001s 0 {A}"))
+
+
 def test_add_presence_equal_clock_advances() -> None:
-    # git-annex: an old clock equal to the candidate also forces +1 (describe showed it too).
-    old = lines(f"1700000000s 1 {A}")
-    assert annexlog.add_presence(old, A, False, 1700000000) == lines(f"1700000001s 0 {A}")
+    old, uuid, present, now, expected = EQUAL_CLOCK
+    assert annexlog.add_presence(old, uuid, present, now) == expected
 
 
-@pytest.mark.parametrize(
-    ("data", "present"),
-    [
-        # Equal clocks: the line that comes first wins (observed with readpresentkey).
-        (lines(f"1500000000s 1 {A}", f"1500000000s 0 {A}"), True),
-        (lines(f"1500000000s 0 {A}", f"1500000000s 1 {A}"), False),
-        (lines(f"1s 1 {A}", f"2s X {A}"), False),  # dead is not present
-        (lines(f"3s 1 {A}", f"2s 0 {A}"), True),
-    ],
-)
+# (log, is A present): what `git annex readpresentkey KEY A` answers.
+NEWEST_WINS: list[tuple[bytes, bool]] = [
+    # Equal clocks: the line that comes first wins.
+    (lines(f"1500000000s 1 {A}", f"1500000000s 0 {A}"), True),
+    (lines(f"1500000000s 0 {A}", f"1500000000s 1 {A}"), False),
+    (lines(f"1s 1 {A}", f"2s X {A}"), False),  # dead is not present
+    (lines(f"3s 1 {A}", f"2s 0 {A}"), True),
+]
+
+
+@pytest.mark.parametrize(("data", "present"), NEWEST_WINS)
 def test_present_uuids_newest_wins(data: bytes, present: bool) -> None:
     assert (A in annexlog.present_uuids(data)) is present
 
 
-@pytest.mark.parametrize(
-    ("text", "picos"),
-    [
-        (b"1795562601s", 1795562601 * 10**12),
-        (b"1700000000.123456s", 1700000000 * 10**12 + 123456 * 10**6),
-        (b"5", 5 * 10**12),
-        (b"+5s", 5 * 10**12),
-        (b"-5s", -5 * 10**12),
-        (b"-0.5s", 5 * 10**11),  # git-annex's sign binds to the integer part only
-        (b"1.1234567890129s", 10**12 + 123456789012),
-    ],
-)
+# (clock text in a log, the clock git-annex reads from it)
+CLOCK_PARSE: list[tuple[bytes, int]] = [
+    (b"1795562601s", 1795562601 * 10**12),
+    (b"1700000000.123456s", 1700000000 * 10**12 + 123456 * 10**6),
+    (b"5", 5 * 10**12),
+    (b"+5s", 5 * 10**12),
+    (b"-5s", -5 * 10**12),
+    (b"-0.5s", 5 * 10**11),  # git-annex's sign binds to the integer part only
+    (b"-2.5s", -(25 * 10**11)),
+    (b"1.1234567890129s", 10**12 + 123456789012),
+]
+# Clock texts that make git-annex skip the line.
+CLOCK_REJECTS = [b"", b"s", b"5.", b"5.s", b"1e5s", b"5ss", b" 5s", b"0x5s"]
+# (clock, how git-annex writes it)
+CLOCK_FORMAT: list[tuple[int, bytes]] = [
+    (1795562601 * 10**12, b"1795562601s"),
+    (1700000000 * 10**12 + 5 * 10**11, b"1700000000.5s"),
+    (1, b"0.000000000001s"),
+    (-(5 * 10**11), b"-0.5s"),
+    (0, b"0s"),
+]
+
+
+@pytest.mark.parametrize(("text", "picos"), CLOCK_PARSE)
 def test_vector_clock_parse(text: bytes, picos: int) -> None:
     assert VectorClock.parse(text) == VectorClock(picos)
 
 
-@pytest.mark.parametrize("text", [b"", b"s", b"5.", b"5.s", b"1e5s", b"5ss", b" 5s", b"0x5s"])
+@pytest.mark.parametrize("text", CLOCK_REJECTS)
 def test_vector_clock_rejects(text: bytes) -> None:
     assert VectorClock.parse(text) is None
 
 
-@pytest.mark.parametrize(
-    ("picos", "text"),
-    [
-        (1795562601 * 10**12, b"1795562601s"),
-        (1700000000 * 10**12 + 5 * 10**11, b"1700000000.5s"),
-        (1, b"0.000000000001s"),
-        (-(5 * 10**11), b"-0.5s"),
-        (0, b"0s"),
-    ],
-)
+@pytest.mark.parametrize(("picos", "text"), CLOCK_FORMAT)
 def test_vector_clock_format(picos: int, text: bytes) -> None:
     assert VectorClock(picos).format() == text
 
@@ -206,15 +219,27 @@ def test_add_presence_records_status(
         assert new == annexlog.format_presence_log(after[k] for k in sorted(after))
 
 
-def test_location_log_path() -> None:
-    # Observed: setpresentkey of this key created journal file 2ff_78e_SHA256E-s3--abc__def.txt.log
-    key = Key.parse("SHA256E-s3--abc_def.txt")
-    assert annexlog.location_log_path(key) == "2ff/78e/SHA256E-s3--abc_def.txt.log"
+# (key, its location log in the branch, the journal file setpresentkey of it creates)
+LOG_PATHS: list[tuple[str, str, str]] = [
+    (
+        "SHA256E-s3--abc_def.txt",
+        "2ff/78e/SHA256E-s3--abc_def.txt.log",
+        "2ff_78e_SHA256E-s3--abc__def.txt.log",
+    ),
     # The trace appendix (plain.txt) shows this key's log at d91/b11/.
-    key = Key.parse(
-        "SHA256E-s6--5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03.txt"
-    )
-    assert annexlog.location_log_path(key).startswith("d91/b11/SHA256E-s6--5891b5b5")
+    (
+        "SHA256E-s6--5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03.txt",
+        "d91/b11/SHA256E-s6--5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03.txt.log",
+        "d91_b11_SHA256E-s6--5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03.txt.log",
+    ),
+]
+
+
+@pytest.mark.parametrize(("key", "path", "journal"), LOG_PATHS)
+def test_location_log_path(key: str, path: str, journal: str) -> None:
+    assert annexlog.location_log_path(Key.parse(key)) == path
+    assert annexlog.journal_name(path) == journal
+    assert annexlog.branch_path(journal) == path
 
 
 def test_cluster_uuid() -> None:
@@ -250,20 +275,25 @@ MESSY_UUID_LOG = (
 )
 
 
+# `GIT_ANNEX_VECTOR_CLOCK=1700000000 git annex describe U "new  desc"` on MESSY_UUID_LOG:
+DESCRIBE_MESSY = (U, "new  desc", 1700000000)
+DESCRIBE_MESSY_WROTE = lines(
+    f"{U} new  desc timestamp=2000000001s",
+    f"{B} later wins timestamp=1500000000s",
+    f"{C} x timestamp=bad",
+    f"{D} tie2 timestamp=5s",
+    "eeee  spaced   out  timestamp=7s",
+    "ffff ",
+)
+# ... and then describing B at a clock equal to its own gives +1.
+DESCRIBE_AGAIN = (B, "bdesc", 1500000000)
+DESCRIBE_AGAIN_LINE = f"{B} bdesc timestamp=1500000001s\n".encode()
+
+
 def test_describe_uuid_matches_git_annex() -> None:
-    # `GIT_ANNEX_VECTOR_CLOCK=1700000000 git annex describe U "new  desc"` on that content.
-    expected = lines(
-        f"{U} new  desc timestamp=2000000001s",
-        f"{B} later wins timestamp=1500000000s",
-        f"{C} x timestamp=bad",
-        f"{D} tie2 timestamp=5s",
-        "eeee  spaced   out  timestamp=7s",
-        "ffff ",
-    )
-    assert annexlog.describe_uuid(MESSY_UUID_LOG, U, "new  desc", 1700000000) == expected
-    # ... and then describing B at a clock equal to its own gives +1.
-    again = annexlog.describe_uuid(expected, B, "bdesc", 1500000000)
-    assert f"{B} bdesc timestamp=1500000001s\n".encode() in again
+    assert annexlog.describe_uuid(MESSY_UUID_LOG, *DESCRIBE_MESSY) == DESCRIBE_MESSY_WROTE
+    again = annexlog.describe_uuid(DESCRIBE_MESSY_WROTE, *DESCRIBE_AGAIN)
+    assert DESCRIBE_AGAIN_LINE in again
 
 
 def test_parse_uuid_log() -> None:
@@ -279,17 +309,15 @@ def test_parse_uuid_log() -> None:
 
 
 def test_parse_uuid_log_trace_lines() -> None:
-    # From the proxy trace appendix.
-    data = lines(
-        "40de0000-0000-4000-8000-000000000001 node1 timestamp=1795562605s",
-        "9a0c0000-0000-4000-8000-000000000001 proxy timestamp=1795562605s",
-        "ac41e7d0-ed00-86fd-acbf-9fd58f6e46eb cluster mycluster timestamp=1795561970s",
-    )
-    assert annexlog.parse_uuid_log(data) == {
+    # uuid.log as git-annex wrote it (the appendices of the proxy and cluster transcripts).
+    assert annexlog.parse_uuid_log(branch_file("proxy.txt", "proxy.git", "uuid.log")) == {
         "40de0000-0000-4000-8000-000000000001": "node1",
+        "40de0000-0000-4000-8000-000000000002": "node2",
         "9a0c0000-0000-4000-8000-000000000001": "proxy",
-        "ac41e7d0-ed00-86fd-acbf-9fd58f6e46eb": "cluster mycluster",
     }
+    cluster = annexlog.parse_uuid_log(branch_file("cluster.txt", "gw1.git", "uuid.log"))
+    assert cluster["ac8fad45-873b-8322-9d01-7c563dab1f32"] == "cluster mycluster"
+    assert cluster["9a7e0000-0000-4000-8000-000000000002"] == "gw2"
 
 
 descriptions = st.text(max_size=30).filter(lambda s: "\n" not in s and "\r" not in s)
@@ -335,10 +363,18 @@ def test_journal_name(path: str, name: str) -> None:
     assert annexlog.branch_path(name) == path
 
 
-def test_branch_path_quirks() -> None:
-    # Annex/Journal.hs fileJournal: a lone trailing "_" disappears; "___" reads as "_/".
-    assert annexlog.branch_path("abc_") == "abc"
-    assert annexlog.branch_path("a___b") == "a_/b"
+# (journal file name, the branch path git-annex commits it to). Annex/Journal.hs
+# fileJournal: a lone trailing "_" disappears; "___" reads as "_/".
+JOURNAL_QUIRKS = [("abc_", "abc"), ("a___b", "a_/b")]
+
+
+@pytest.mark.parametrize(("name", "path"), JOURNAL_QUIRKS)
+def test_branch_path_quirks(name: str, path: str) -> None:
+    assert annexlog.branch_path(name) == path
+
+
+def test_branch_path_leading_underscore() -> None:
+    # Read from Annex/Journal.hs, not observable: git keeps no tree entry named "/x".
     assert annexlog.branch_path("_x") == "/x"
 
 

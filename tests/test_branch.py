@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_annexlog as vectors
 from dulwich.objects import ObjectID
 
 from git_remote_annexproxy import annexlog
@@ -339,6 +340,106 @@ def test_describe_matches_binary(home: Path) -> None:
     jfile.write_bytes(messy)
     annex(repo, "describe", "here", "new  one", clock="1700000000")
     assert jfile.read_bytes() == annexlog.describe_uuid(messy, u, "new  one", 1700000000)
+
+
+# --- the recorded vectors of test_annexlog.py, rerun --------------------------------------
+#
+# test_annexlog.py checks our code against fixed vectors that say what git-annex writes;
+# here git-annex itself runs on each of them, so a vector that is not (or no longer) what
+# git-annex does fails in CI instead of pinning our code to our own reading.
+
+VECTOR_UUID = vectors.A
+
+
+def _journal_file(repo: Path, key: Key = K_UNDERSCORE) -> Path:
+    name = annexlog.journal_name(annexlog.location_log_path(key))
+    return repo / "annex" / "journal" / name
+
+
+def _real_presence(repo: Path, old: bytes | None, uuid: str, present: bool, clock: str) -> bytes:
+    """What git-annex's setpresentkey makes of the location log `old` at clock `clock`."""
+    jfile = _journal_file(repo)
+    jfile.parent.mkdir(exist_ok=True)
+    if old is None:
+        jfile.unlink(missing_ok=True)
+    else:
+        jfile.write_bytes(old)
+    annex(repo, "setpresentkey", str(K_UNDERSCORE), uuid, "1" if present else "0", clock=clock)
+    return jfile.read_bytes()
+
+
+def test_presence_vectors_are_git_annexs(home: Path) -> None:
+    repo = bare_annex(home)
+    old, uuid, present, seconds, wrote = vectors.EQUAL_CLOCK
+    rows = [*vectors.PRESENCE_ORACLE, (old, uuid, present, str(seconds), wrote)]
+    for old, uuid, present, now, wrote in rows:
+        assert _real_presence(repo, old, uuid, present, now) == wrote, (old, uuid, present, now)
+
+
+def test_clock_vectors_are_git_annexs(home: Path) -> None:
+    """A clock git-annex reads shows in what it writes next: a status change at an older
+    candidate clock is logged at the old line's clock + 1 s; a line whose clock it cannot
+    read is dropped, and the candidate clock is used."""
+    repo = bare_annex(home)
+    a = VECTOR_UUID.encode()
+    candidate = "-100"
+    for text, picos in vectors.CLOCK_PARSE:
+        real = _real_presence(repo, text + b" 1 " + a + b"\n", VECTOR_UUID, False, candidate)
+        assert real == annexlog.VectorClock(picos + 10**12).format() + b" 0 " + a + b"\n", text
+    for text in vectors.CLOCK_REJECTS:
+        real = _real_presence(repo, text + b" 1 " + a + b"\n", VECTOR_UUID, False, candidate)
+        assert real == b"-100s 0 " + a + b"\n", text
+    for picos, text in vectors.CLOCK_FORMAT:
+        if picos >= 0:  # written as given in GIT_ANNEX_VECTOR_CLOCK
+            real = _real_presence(repo, None, VECTOR_UUID, True, text[:-1].decode())
+            assert real == text + b" 1 " + a + b"\n", picos
+        else:  # the environment cannot carry it (git-annex reads "-0.5" as 0.5): one below
+            older = annexlog.VectorClock(picos - 10**12).format()
+            real = _real_presence(repo, older + b" 1 " + a + b"\n", VECTOR_UUID, False, candidate)
+            assert real == text + b" 0 " + a + b"\n", picos
+
+
+def test_newest_wins_vectors_are_git_annexs(home: Path) -> None:
+    repo = bare_annex(home)
+    jfile = _journal_file(repo)
+    jfile.parent.mkdir(exist_ok=True)
+    for data, expected in vectors.NEWEST_WINS:
+        jfile.write_bytes(data)
+        assert present(repo, K_UNDERSCORE, VECTOR_UUID) is expected, data
+
+
+def _branch_paths(repo: Path) -> set[str]:
+    real_commit(repo)
+    return set(run("git", "ls-tree", "-r", "--name-only", "git-annex", cwd=repo).stdout.split())
+
+
+def test_log_path_vectors_are_git_annexs(home: Path) -> None:
+    repo = bare_annex(home)
+    for key, path, journal_name in vectors.LOG_PATHS:
+        annex(repo, "setpresentkey", key, VECTOR_UUID, "1")
+        assert journal(repo) == [journal_name]
+        assert path in _branch_paths(repo)
+
+
+def test_journal_quirk_vectors_are_git_annexs(home: Path) -> None:
+    repo = bare_annex(home)
+    for name, path in vectors.JOURNAL_QUIRKS:
+        (repo / "annex" / "journal").mkdir(exist_ok=True)
+        (repo / "annex" / "journal" / name).write_bytes(b"x\n")
+        assert path in _branch_paths(repo), name
+
+
+def test_describe_vectors_are_git_annexs(home: Path) -> None:
+    repo = bare_annex(home)
+    jfile = repo / "annex" / "journal" / "uuid.log"
+    jfile.parent.mkdir(exist_ok=True)
+    jfile.write_bytes(vectors.MESSY_UUID_LOG)
+    uuid, description, clock = vectors.DESCRIBE_MESSY
+    annex(repo, "describe", uuid, description, clock=str(clock))
+    assert jfile.read_bytes() == vectors.DESCRIBE_MESSY_WROTE
+    uuid, description, clock = vectors.DESCRIBE_AGAIN
+    annex(repo, "describe", uuid, description, clock=str(clock))
+    assert vectors.DESCRIBE_AGAIN_LINE in jfile.read_bytes()
 
 
 # --- (d) initialisation ---------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """The gateway's placement and reply rules (shell/gatewayrules.py) and proxy selection
 (shell/proxyselect.py), as tables: no I/O, no repository.
 
-The expected replies are the wire lines git-annex's own gateway sends in
-shared/spec/traces/cluster.txt, with that trace's UUIDs, so a row that disagrees with the
-trace fails here rather than only in the conformance run.
+Every row says where its expectation comes from:
+
+* `trace` rows: the expected line is read from ../shared/spec/traces/cluster.txt (what
+  git-annex's own gateway sent in that step, to that session; `TraceLine`), and the inputs
+  are that step's node answers, with its UUIDs. A row that disagrees with git-annex fails
+  here rather than only in the conformance run.
+* `protocol` rows: git-annex's P2P protocol as its documentation gives it (no -PLUS
+  message below version 2).
+* `ours` rows: our own design, for cases the traces never show (an ERROR from a node,
+  nested gateways, clock skew, empty clusters); nothing claims git-annex does the same.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pytest
+from traces import said
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.gitconfig import GitConfig, parse_config
@@ -35,6 +43,24 @@ def wire(msg: p2p.Message) -> bytes:
     return p2p.serialize(msg)
 
 
+@dataclass(frozen=True)
+class TraceLine:
+    """The first line starting with `verb` that git-annex's gateway (session `session`)
+    sent in step `step` of cluster.txt."""
+
+    step: str
+    session: str
+    verb: str
+    direction: str = "S>"
+
+    def text(self) -> str:
+        return said("cluster.txt", self.step, self.session, self.direction, self.verb)
+
+
+def expected_line(expected: str | TraceLine) -> bytes:
+    return (expected.text() if isinstance(expected, TraceLine) else expected).encode()
+
+
 # --- put_targets ------------------------------------------------------------------------------
 
 
@@ -44,6 +70,9 @@ class Node:
     wants: bool
 
 
+# Which nodes a PUT goes to: no wire line shows it, so every row here is a rule. The
+# fallback to every node without the key is git-annex's (proxy-and-cluster.md, "Stores");
+# the rest is ours.
 def targets(nodes: Sequence[Node], logged: set[str]) -> list[str]:
     chosen = rules.put_targets(nodes, lambda n: n.uuid, frozenset(logged), lambda n: n.wants)
     return [n.uuid for n in chosen]
@@ -93,27 +122,36 @@ def test_put_targets(nodes: list[Node], logged: set[str], expected: list[str]) -
 @pytest.mark.parametrize(
     ("replies", "version", "expected"),
     [
-        # cluster.txt step 13: BYPASS gw2, node1 and node2 answer ALREADY-HAVE.
-        (
+        # trace, step 13: BYPASS gw2; node2 (S16), then node1 (S17) answer ALREADY-HAVE.
+        pytest.param(
             [NodeReply(N2, True), NodeReply(N1, True)],
             4,
-            f"ALREADY-HAVE-PLUS {N2} {N1}\n",
+            TraceLine("13", "S15", "ALREADY-HAVE-PLUS"),
+            id="trace-step13",
         ),
-        # A second gateway's ALREADY-HAVE-PLUS (the reply git-annex's own gateway chokes on,
-        # step 12) merges in; its cluster UUID is the one the client addressed: left out.
-        (
+        # ours: a second gateway's ALREADY-HAVE-PLUS (the reply git-annex's own gateway
+        # chokes on, step 12) merges in; its cluster UUID is the one the client addressed:
+        # left out.
+        pytest.param(
             [NodeReply(N2, True), NodeReply(N1, True), NodeReply(CU, True, (N3,))],
             4,
             f"ALREADY-HAVE-PLUS {N2} {N1} {N3}\n",
+            id="ours-nested-gateway",
         ),
-        ([NodeReply(N1, True, (N1,))], 2, f"ALREADY-HAVE-PLUS {N1}\n"),  # no duplicates
-        # No -PLUS below version 2.
-        ([NodeReply(N1, True), NodeReply(N2, True)], 1, "ALREADY-HAVE\n"),
-        ([NodeReply(N1, True)], 0, "ALREADY-HAVE\n"),
+        pytest.param(
+            [NodeReply(N1, True, (N1,))], 2, f"ALREADY-HAVE-PLUS {N1}\n", id="ours-no-duplicates"
+        ),
+        # protocol: no -PLUS below version 2.
+        pytest.param(
+            [NodeReply(N1, True), NodeReply(N2, True)], 1, "ALREADY-HAVE\n", id="protocol-v1"
+        ),
+        pytest.param([NodeReply(N1, True)], 0, "ALREADY-HAVE\n", id="protocol-v0"),
     ],
 )
-def test_already_have_reply(replies: list[NodeReply], version: int, expected: str) -> None:
-    assert wire(rules.already_have_reply(replies, version, CU)) == expected.encode()
+def test_already_have_reply(
+    replies: list[NodeReply], version: int, expected: str | TraceLine
+) -> None:
+    assert wire(rules.already_have_reply(replies, version, CU)) == expected_line(expected)
 
 
 # --- put_reply --------------------------------------------------------------------------------
@@ -122,34 +160,44 @@ def test_already_have_reply(replies: list[NodeReply], version: int, expected: st
 @pytest.mark.parametrize(
     ("replies", "version", "expected"),
     [
-        # cluster.txt step 11, exactly: node2, node1, then gw2 (remote UUID = the cluster)
+        # trace, step 11: node2 (S6), node1 (S7), then gw2 (S8; remote UUID = the cluster)
         # with SUCCESS-PLUS node3. The cluster UUID stays in, as git-annex sends it.
-        (
+        pytest.param(
             [NodeReply(N2, True), NodeReply(N1, True), NodeReply(CU, True, (N3,))],
             4,
-            f"SUCCESS-PLUS {N2} {N1} {CU} {N3}\n",
+            TraceLine("11", "S5", "SUCCESS-PLUS"),
+            id="trace-step11-gw1",
         ),
-        # gw2's own answer in that step: its one node.
-        ([NodeReply(N3, True)], 4, f"SUCCESS-PLUS {N3}\n"),
-        # A failed node is not named; the others still are.
-        ([NodeReply(N1, True), NodeReply(N2, False)], 4, f"SUCCESS-PLUS {N1}\n"),
-        ([NodeReply(N1, False), NodeReply(N2, True)], 2, f"SUCCESS-PLUS {N2}\n"),
-        # Nodes that said ALREADY-HAVE count as holding it (cluster.put passes them in).
-        (
+        # trace: gw2's own answer in that step, its one node (S9).
+        pytest.param(
+            [NodeReply(N3, True)], 4, TraceLine("11", "S8", "SUCCESS-PLUS"), id="trace-step11-gw2"
+        ),
+        # ours: a failed node is not named; the others still are.
+        pytest.param(
+            [NodeReply(N1, True), NodeReply(N2, False)], 4, f"SUCCESS-PLUS {N1}\n", id="ours-1"
+        ),
+        pytest.param(
+            [NodeReply(N1, False), NodeReply(N2, True)], 2, f"SUCCESS-PLUS {N2}\n", id="ours-2"
+        ),
+        # ours: nodes that said ALREADY-HAVE count as holding it (cluster.put passes them in).
+        pytest.param(
             [NodeReply(N1, True), NodeReply(N2, True, (N3,))],
             3,
             f"SUCCESS-PLUS {N1} {N2} {N3}\n",
+            id="ours-already-have",
         ),
-        ([NodeReply(N1, False), NodeReply(N2, False)], 4, "FAILURE\n"),
-        ([], 4, "FAILURE\n"),
-        # Version 0/1 clients know no -PLUS.
-        ([NodeReply(N1, True), NodeReply(N2, True)], 1, "SUCCESS\n"),
-        ([NodeReply(N1, True)], 0, "SUCCESS\n"),
-        ([NodeReply(N1, False)], 1, "FAILURE\n"),
+        pytest.param(
+            [NodeReply(N1, False), NodeReply(N2, False)], 4, "FAILURE\n", id="ours-all-failed"
+        ),
+        pytest.param([], 4, "FAILURE\n", id="ours-no-nodes"),
+        # protocol: version 0/1 clients know no -PLUS.
+        pytest.param([NodeReply(N1, True), NodeReply(N2, True)], 1, "SUCCESS\n", id="protocol-v1"),
+        pytest.param([NodeReply(N1, True)], 0, "SUCCESS\n", id="protocol-v0"),
+        pytest.param([NodeReply(N1, False)], 1, "FAILURE\n", id="protocol-v1-failure"),
     ],
 )
-def test_put_reply(replies: list[NodeReply], version: int, expected: str) -> None:
-    assert wire(rules.put_reply(replies, version)) == expected.encode()
+def test_put_reply(replies: list[NodeReply], version: int, expected: str | TraceLine) -> None:
+    assert wire(rules.put_reply(replies, version)) == expected_line(expected)
 
 
 # --- remove_reply -----------------------------------------------------------------------------
@@ -158,69 +206,108 @@ def test_put_reply(replies: list[NodeReply], version: int, expected: str) -> Non
 @pytest.mark.parametrize(
     ("replies", "version", "first_error", "expected"),
     [
-        # cluster.txt step 16, exactly: node2 is locked and dies without a reply, node1
-        # removes, gw2 (the cluster UUID) answers SUCCESS-PLUS node3.
-        (
+        # trace, step 16: node2 (S23) is locked and dies without a reply, node1 (S24)
+        # removes, gw2 (S25, the cluster UUID) answers SUCCESS-PLUS node3. The error text
+        # is ours (git-annex's gateway says nothing of it on the wire).
+        pytest.param(
             [NodeReply(N1, True), NodeReply(N2, False), NodeReply(CU, True, (N3,))],
             4,
             "cluster node node2 failed",
-            f"FAILURE-PLUS {N1} {CU} {N3}\n",
+            TraceLine("16", "S22", "FAILURE-PLUS"),
+            id="trace-step16",
         ),
-        # Step 17: everybody removes.
-        (
+        # trace, step 17: everybody removes.
+        pytest.param(
             [NodeReply(N2, True), NodeReply(N1, True), NodeReply(CU, True, (N3,))],
             4,
             None,
-            f"SUCCESS-PLUS {N2} {N1} {CU} {N3}\n",
+            TraceLine("17", "S27", "SUCCESS-PLUS"),
+            id="trace-step17",
         ),
-        # A sub-gateway's FAILURE-PLUS: its list counts, its own (cluster) UUID does not.
-        (
+        # ours: a sub-gateway's FAILURE-PLUS: its list counts, its own (cluster) UUID does not.
+        pytest.param(
             [NodeReply(N1, True), NodeReply(CU, False, (N3,), plus_only=True)],
             4,
             None,
             f"FAILURE-PLUS {N1} {N3}\n",
+            id="ours-nested-failure-plus",
         ),
-        # Below version 2: plain SUCCESS / FAILURE.
-        ([NodeReply(N1, True), NodeReply(N2, True)], 1, None, "SUCCESS\n"),
-        ([NodeReply(N1, True), NodeReply(N2, False)], 1, None, "FAILURE\n"),
-        # Only the addressed UUID in the list (a lone sub-gateway): plain as well.
-        ([NodeReply(CU, True)], 4, None, "SUCCESS\n"),
-        ([NodeReply(CU, False, (CU,), plus_only=True)], 4, None, "FAILURE\n"),
-        # Nothing removed anywhere.
-        ([NodeReply(N1, False), NodeReply(N2, False)], 4, None, "FAILURE\n"),
-        # ... and a node said ERROR: its text goes to the client.
-        (
+        # protocol: below version 2, plain SUCCESS / FAILURE.
+        pytest.param(
+            [NodeReply(N1, True), NodeReply(N2, True)], 1, None, "SUCCESS\n", id="protocol-v1"
+        ),
+        pytest.param(
+            [NodeReply(N1, True), NodeReply(N2, False)],
+            1,
+            None,
+            "FAILURE\n",
+            id="protocol-v1-failure",
+        ),
+        # ours: only the addressed UUID in the list (a lone sub-gateway): plain as well.
+        pytest.param([NodeReply(CU, True)], 4, None, "SUCCESS\n", id="ours-lone-gateway"),
+        pytest.param(
+            [NodeReply(CU, False, (CU,), plus_only=True)],
+            4,
+            None,
+            "FAILURE\n",
+            id="ours-lone-gateway-failure",
+        ),
+        # ours: nothing removed anywhere.
+        pytest.param(
+            [NodeReply(N1, False), NodeReply(N2, False)], 4, None, "FAILURE\n", id="ours-none"
+        ),
+        # ours: ... and a node said ERROR: its text goes to the client.
+        pytest.param(
             [NodeReply(N1, False), NodeReply(N2, False)],
             4,
             "this repository is append-only; removal denied",
             "ERROR this repository is append-only; removal denied\n",
+            id="ours-error",
         ),
-        ([NodeReply(N1, False)], 1, "node1 refused", "ERROR node1 refused\n"),
-        # An error does not hide what did get removed.
-        (
+        pytest.param(
+            [NodeReply(N1, False)], 1, "node1 refused", "ERROR node1 refused\n", id="ours-error-v1"
+        ),
+        # ours: an error does not hide what did get removed.
+        pytest.param(
             [NodeReply(N1, True), NodeReply(N2, False)],
             4,
             "node2 refused",
             f"FAILURE-PLUS {N1}\n",
+            id="ours-error-and-removed",
         ),
-        # No nodes at all.
-        ([], 4, None, "FAILURE\n"),
-        ([], 1, "ignored", "FAILURE\n"),
+        # ours: no nodes at all.
+        pytest.param([], 4, None, "FAILURE\n", id="ours-no-nodes"),
+        pytest.param([], 1, "ignored", "FAILURE\n", id="ours-no-nodes-v1"),
     ],
 )
 def test_remove_reply(
-    replies: list[NodeReply], version: int, first_error: str | None, expected: str
+    replies: list[NodeReply], version: int, first_error: str | None, expected: str | TraceLine
 ) -> None:
-    assert wire(rules.remove_reply(replies, version, CU, first_error)) == expected.encode()
+    assert wire(rules.remove_reply(replies, version, CU, first_error)) == expected_line(expected)
 
 
 # --- REMOVE-BEFORE deadlines ------------------------------------------------------------------
 
 
+def test_translate_deadline_as_in_the_trace() -> None:
+    """trace, step 19: the client's REMOVE-BEFORE to gw1 (S35), gw1's and node2's clocks
+    (their TIMESTAMP answers) and what gw1 sent node2 (S36)."""
+
+    def number(line: TraceLine) -> int:
+        return int(line.text().split()[1])
+
+    deadline = number(TraceLine("19", "S35", "REMOVE-BEFORE", "C>"))
+    gateway_now = number(TraceLine("19", "S35", "TIMESTAMP"))
+    node_now = number(TraceLine("19", "S36", "TIMESTAMP"))
+    sent = number(TraceLine("19", "S36", "REMOVE-BEFORE", "C>"))
+    assert rules.translate_deadline(deadline, gateway_now, node_now) == sent
+
+
 @pytest.mark.parametrize(
     ("deadline", "gateway_now", "node_now", "expected"),
     [
-        (7472, 6873, 6873, 7472),  # cluster.txt step 19: all clocks agree
+        # ours: the trace shows only clocks that agree (test above); these are our rule.
+        (7472, 6873, 6873, 7472),
         (6830, 6231, 6230, 6829),  # the node read its clock a second "earlier"
         (700, 100, 5000, 5600),  # a node on another host, booted long before the gateway
         (600, 600, 10, 10),  # deadline now: now on the node too
@@ -317,7 +404,10 @@ def test_select_proxied_node() -> None:
 @pytest.mark.parametrize(
     ("config", "proxy_log", "wanted", "message"),
     [
-        # In proxy.log, but the remote lacks annex-proxy: the config decides.
+        # In proxy.log, but the remote lacks annex-proxy: the config decides. git-annex's
+        # case and message (edgecases.txt, 14a); the rows below reuse its message for cases
+        # no trace shows (ours), except the unknown UUID, whose message test_cli.py compares
+        # with git-annex's own git-annex-shell.
         (PROXY_CONFIG, PROXY_LOG, N2, "not configured to proxy for repository node2"),
         # Configured, but our proxy.log entry does not list it (updateproxy not run).
         (
