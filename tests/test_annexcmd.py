@@ -2,9 +2,11 @@
 
 The server side is real: an admin sets up, with the real git-annex, a gateway `proxy.git`
 whose two nodes form the cluster `mycluster` (as the conformance harness's setup_cluster
-does), served by our git-annex-shell through the fake ssh. A seed client with git-annex
-adds files (locked, unlocked, executable, empty, duplicated) and copies them to the
-cluster, to single nodes, and one to a repository the proxy does not reach, then syncs.
+does), served through the fake ssh by our git-annex-shell and, in a second round of every
+test, by git-annex's own. A seed client with git-annex adds files (locked, unlocked,
+executable, empty, duplicated) and copies them to the cluster, to single nodes, to the
+gateway's own repository (a plain remote to the client), and one to a repository the proxy
+does not reach, then syncs.
 
 Each test clones that server with plain `git clone` on a PATH where `git-annex` does not
 exist, and runs our `git-annexproxy` console script. Results are checked on disk (bytes,
@@ -44,6 +46,7 @@ FILES: dict[str, bytes] = {
     "dup-b.txt": b"the same content twice\n",
     "node1only.txt": b"only node1 has this\n",
     "node2only.txt": b"only node2 has this\n",
+    "gateway.txt": b"only the gateway's own repository has this\n",
     "outside.txt": b"only a repository the proxy does not reach has this\n",
 }
 UNLOCKED = {"unlocked.dat": os.urandom(70_000), "run.sh": b"#!/bin/sh\necho hi\n"}
@@ -63,9 +66,16 @@ class World:
         return self.site.env
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path, our_shell: Path) -> World:
-    env = make_ssh_env(tmp_path_factory.mktemp("annexcmd"), annex_bin, our_shell)
+@pytest.fixture(scope="module", params=["ours", "git-annex"])
+def world(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    annex_bin: Path,
+    our_shell: Path,
+    real_annex_shell: Path,
+) -> World:
+    shell = our_shell if request.param == "ours" else real_annex_shell
+    env = make_ssh_env(tmp_path_factory.mktemp("annexcmd"), annex_bin, shell)
     site = Site(env)
     cl = site.cluster(gateway="proxy", nodes=("node1", "node2"))
     outside = site.bare("outside")
@@ -83,10 +93,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path, our_shell: 
         name, key = line.split("\t")
         keys[name] = key
 
-    cluster_files = [n for n in ALL if n not in ("node1only.txt", "node2only.txt", "outside.txt")]
+    single = ("node1only.txt", "node2only.txt", "gateway.txt", "outside.txt")
+    cluster_files = [n for n in ALL if n not in single]
     site.client(seed, "git", "annex", "copy", "--quiet", "--to", "origin-mycluster", *cluster_files)
     site.client(seed, "git", "annex", "copy", "--quiet", "--to", "origin-node1", "node1only.txt")
     site.client(seed, "git", "annex", "copy", "--quiet", "--to", "origin-node2", "node2only.txt")
+    site.client(seed, "git", "annex", "copy", "--quiet", "--to", "origin", "gateway.txt")
     site.client(seed, "git", "remote", "add", "outside", f"localhost:{outside}")
     site.client(seed, "git", "annex", "sync", "--quiet", "--no-content", "outside")
     site.client(seed, "git", "annex", "copy", "--quiet", "--to", "outside", "outside.txt")
@@ -226,6 +238,7 @@ def test_get_everything_reachable_then_nothing_to_do(
     ]
     ok_lines = set(proc.stdout.splitlines())
     assert "get node2only.txt (from origin-mycluster) ok" in ok_lines
+    assert "get gateway.txt (from origin) ok" in ok_lines  # a plain p2pstdio session
     assert len(ok_lines) == len(REACHABLE)
     big_key = world.keys["big.bin"]
     summary = proc.stderr.splitlines()[-1]
@@ -329,11 +342,15 @@ def relay_env(world: World, env: dict[str, str], name: str, cut: int | None) -> 
 
 
 def relayed(world: World, name: str) -> list[Relayed]:
-    """The sessions the relay logged. A cut session is logged only if it lives until its
-    server side exits; our client kills a broken session at once, so those may be missing."""
+    """The client's sessions the relay logged (through the fake ssh: `-c COMMAND`; git-annex's
+    own gateway also runs its nodes' git-annex-shell through the relay). A cut session is
+    logged only if it lives until its server side exits; our client kills a broken session
+    at once, so those may be missing."""
     log = world.env.root / name / "log.jsonl"
     lines = log.read_text().splitlines() if log.exists() else []
-    return [Relayed(r["bytes_out"], r["cut"]) for r in map(json.loads, lines)]
+    return [
+        Relayed(r["bytes_out"], r["cut"]) for r in map(json.loads, lines) if r["argv"][0] == "-c"
+    ]
 
 
 def get_offsets(world: World, name: str) -> list[int]:

@@ -1,4 +1,6 @@
-"""The P2P client session against a scripted server on in-memory streams, and spawned.
+"""The P2P client session against a scripted server on in-memory streams, and spawned:
+against scripted programs, and against git-annex's own git-annex-shell and ours (plain and
+through a proxy).
 
 The scripted server checks every line the client sends, so a client that sends the wrong
 message, or one too many, fails the test rather than passing by accident.
@@ -6,12 +8,17 @@ message, or one too many, fails the test rather than passing by accident.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from conftest import make_ssh_env
+from test_e2e_proxy import Site
 
 from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
@@ -231,3 +238,76 @@ async def test_spawned_session_closes_cleanly() -> None:
             assert await session.checkpresent(KEY) is True
             await session.aclose()
         assert session._process is not None and session._process.returncode == 0
+
+
+# --- against real servers: git-annex's own git-annex-shell, and ours ----------------------------
+#
+# The same session, spawned on the same repositories, once with each git-annex-shell. What
+# the client observes with git-annex's is the expectation; ours must give the same.
+
+HELLO = b"hello, real server\n"
+HELLO_KEY = Key.parse(f"SHA256E-s{len(HELLO)}--{hashlib.sha256(HELLO).hexdigest()}.txt")
+ABSENT = Key.parse(f"SHA256E-s3--{hashlib.sha256(b'nah').hexdigest()}.txt")
+CLIENT = "c1e70000-0000-4000-8000-0000000000c1"
+
+
+@dataclass(frozen=True)
+class Servers:
+    site: Site
+    plain: Path
+    proxy: Path
+    node1: str  # its UUID
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path, our_shell: Path) -> Servers:
+    """A plain repository and a proxy with a node, each holding HELLO (set up by git-annex)."""
+    site = Site(make_ssh_env(tmp_path_factory.mktemp("p2pclient"), annex_bin, our_shell))
+    plain = site.bare("plain")
+    px = site.proxy(nodes=("node1",))
+    seed = site.env.root / "hello.txt"
+    seed.write_bytes(HELLO)
+    for repo in (plain, px.nodes["node1"]):
+        site.admin(repo, "git", "annex", "setkey", str(HELLO_KEY), str(seed))
+        seed.write_bytes(HELLO)  # setkey moved it in
+    return Servers(site, plain, px.gateway, site.uuid(px.nodes["node1"]))
+
+
+async def observe(servers: Servers, shell: Path, repo: Path, uuid: str | None) -> list[object]:
+    """What a client session sees of `shell` serving `repo` (as `--uuid uuid` if given)."""
+    argv = [str(shell), "p2pstdio", str(repo), CLIENT]
+    expected = uuid or servers.site.uuid(repo)
+    if uuid is not None:
+        argv += ["--uuid", uuid]
+    env = servers.site.env.admin_env()
+    # A proxy runs its nodes' git-annex-shell from PATH: the same one.
+    env["PATH"] = f"{shell.parent}:{env['PATH']}"
+    seen: list[object] = []
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(120):
+            session = await P2PSession.spawn(
+                argv, nursery, name="real", expected_uuid=expected, env=env
+            )
+            seen.append(("version", session.version))
+            seen.append(("present", await session.checkpresent(HELLO_KEY)))
+            seen.append(("absent", await session.checkpresent(ABSENT)))
+            for key, offset in ((HELLO_KEY, 0), (HELLO_KEY, 7), (ABSENT, 0)):
+                download = await session.get(key, offset, "hello.txt")
+                data = b"".join([piece async for piece in download])
+                seen.append(("get", str(key), offset, download.length, data, download.valid))
+                await download.verdict(download.valid is True)
+            seen.append(("after", await session.checkpresent(HELLO_KEY)))
+            await session.aclose()
+    return seen
+
+
+@pytest.mark.parametrize("through", ["plain", "proxy"])
+async def test_session_against_git_annex_shell_and_ours(
+    servers: Servers, our_shell: Path, real_annex_shell: Path, through: str
+) -> None:
+    repo, uuid = (servers.plain, None) if through == "plain" else (servers.proxy, servers.node1)
+    theirs = await observe(servers, real_annex_shell, repo, uuid)
+    # The content itself, as git-annex's server gave it.
+    assert ("get", str(HELLO_KEY), 0, len(HELLO), HELLO, True) in theirs
+    assert ("get", str(HELLO_KEY), 7, len(HELLO) - 7, HELLO[7:], True) in theirs
+    assert await observe(servers, our_shell, repo, uuid) == theirs
