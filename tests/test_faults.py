@@ -90,9 +90,18 @@ def test_put_with_an_unreachable_node_stores_on_the_others(site: Site, how: str)
 # --- a node that hangs ------------------------------------------------------------------------
 
 NODE_TIMEOUT = 3
+# How long the hanging node hangs: longer than any command of the test may take (the client's
+# commands are killed after CLIENT_TIMEOUT), so a gateway that waits for it fails the test.
+HANG = 600
+CLIENT_TIMEOUT = 240
+# A copy or drop with one node hanging took 3.8 s on an idle 2-core machine, 4.4 s with both
+# cores busy (nodetimeout 3). The bound is generous for a loaded machine and still
+# far below annexproxy.nodetimeout's default (120 s): under it, only the configured
+# timeout can have ended the wait.
+HANG_BOUND = 60
 
 # Over ssh, node3 runs one of these instead of git-annex-shell.
-SILENT_NODE = "#!/bin/sh\nexec sleep 60\n"
+SILENT_NODE = f"#!/bin/sh\nexec sleep {HANG}\n"
 STUCK_NODE = """\
 #!{python}
 # Authenticates and agrees to a version like a node, then never answers a request.
@@ -105,7 +114,7 @@ for line in sys.stdin.buffer:
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
     elif not line.startswith(b"BYPASS"):
-        time.sleep(60)
+        time.sleep({hang})
 """
 
 
@@ -116,7 +125,7 @@ def test_hanging_node_fails_only_its_part(shell_site: Site, hang: str) -> None:
     the upload lands on node1 and node2 within that bound, and a drop costs no more."""
     site = shell_site
     cl, u = three_node_cluster(site)
-    text = SILENT_NODE if hang == "at-open" else STUCK_NODE.format(python=sys.executable)
+    text = SILENT_NODE if hang == "at-open" else STUCK_NODE.format(python=sys.executable, hang=HANG)
     hanger = write_script(site.env.root / "hanger", text)
     gw = cl.gateway
     site.admin(gw, "git", "config", "remote.node3.url", f"localhost:{cl.nodes['node3']}")
@@ -131,22 +140,25 @@ def test_hanging_node_fails_only_its_part(shell_site: Site, hang: str) -> None:
     working = {u["node1"], u["node2"]}
 
     start = time.monotonic()
-    site.client(client, "git", "annex", "copy", "--to", "origin-mycluster", "h.bin")
+    site.client(
+        client, "git", "annex", "copy", "--to", "origin-mycluster", "h.bin", timeout=CLIENT_TIMEOUT
+    )
     elapsed = time.monotonic() - start
     assert holders(site, cl.nodes, key, files["h.bin"]) == {"node1", "node2"}
     assert site.whereis(client, key, server=False) == working | {cl.uuid, me}
     assert site.whereis(gw, key) == working | {cl.uuid}
     # One node timeout, plus the client's and the gateway's own start-up and the transfer.
-    assert elapsed < NODE_TIMEOUT + 5, f"copy took {elapsed:.1f}s"
+    assert NODE_TIMEOUT <= elapsed < HANG_BOUND, f"copy took {elapsed:.1f}s"
 
     # REMOVE goes to every node, node3 included: one more timeout, and node3's silence
     # makes the drop fail, but what was removed is removed and logged as gone.
     start = time.monotonic()
     proc = site.client(
-        client, "git", "annex", "drop", "--from", "origin-mycluster", "h.bin", check=False
-    )
+        client, "git", "annex", "drop", "--from", "origin-mycluster", "h.bin",
+        check=False, timeout=CLIENT_TIMEOUT,
+    )  # fmt: skip
     elapsed = time.monotonic() - start
-    assert elapsed < NODE_TIMEOUT + 5, f"drop took {elapsed:.1f}s"
+    assert NODE_TIMEOUT <= elapsed < HANG_BOUND, f"drop took {elapsed:.1f}s"
     assert proc.returncode != 0
     assert holders(site, cl.nodes, key, files["h.bin"]) == set()
     assert site.whereis(client, key, server=False) == {me}

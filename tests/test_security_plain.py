@@ -1761,11 +1761,12 @@ def test_row_35_idle_client_is_cut_off(server: Server, behaviour: str) -> None:
             other.handshake()
             assert other.request(f"CHECKPRESENT {K_HELLO}") == "SUCCESS"
             assert other.finish().code == 0
-        code = loris.wait(timeout=10)
+        code = loris.wait(timeout=60)
         elapsed = time.monotonic() - start
         stderr = loris.stderr()
     assert code == 1
-    assert 0.9 < elapsed < 6, elapsed
+    # The configured second, not the default (7200 s); generous above for a loaded machine.
+    assert 0.9 < elapsed < 60, elapsed
     expected = {
         "never-sends": "git-annex-shell: no data from peer for 1s\n",
         "never-reads": "git-annex-shell: peer did not read for 1s\n",
