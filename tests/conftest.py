@@ -80,19 +80,26 @@ def _is_ours(script: Path) -> bool:
     return b"shell.cli" in head
 
 
+def find_git_annex() -> Path | None:
+    """The real `git-annex` (the client and admin tool): next to sys.executable (the venv
+    need not be on PATH), else on PATH; None if neither has it."""
+    candidate = _venv_bin() / "git-annex"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("git-annex")
+    return Path(found) if found is not None else None
+
+
 @pytest.fixture(scope="session")
 def annex_bin() -> Path:
     """The directory holding the real `git-annex` (the client and admin tool)."""
-    candidate = _venv_bin() / "git-annex"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return candidate.parent
-    found = shutil.which("git-annex")
+    found = find_git_annex()
     if found is None:
         pytest.skip(
             "real git-annex not found next to sys.executable or on PATH "
             "(pip install -e '.[test]' brings it as the git-annex wheel)"
         )
-    return Path(found).parent
+    return found.parent
 
 
 @pytest.fixture(scope="session")

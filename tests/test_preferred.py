@@ -1,8 +1,9 @@
 """Preferred-content expressions against git-annex 10.20261026.
 
 Every table here holds answers recorded from the real binary, so the tests run without it;
-with ``git-annex`` on PATH the ``*_live`` tests ask the binary again and must get the recorded
-answers (the recording stays honest). Two oracles:
+with ``git-annex`` installed (found as conftest finds it: beside sys.executable, else on
+PATH) the ``*_live`` tests ask the binary again and must get the recorded answers (the
+recording stays honest). Two oracles:
 
 * ``git annex matchexpression EXPR [--file F] [--size N] [--key K]`` (exit 0 match, 1 no
   match, 42 bad expression) in a repository whose branch carries the STATE below;
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import find_git_annex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,8 +47,12 @@ from git_remote_annexproxy.preferred import (
 )
 from git_remote_annexproxy.preferred_values import Glob, glob_to_regex, read_int, read_size
 
-GIT_ANNEX = shutil.which("git-annex")
-needs_annex = pytest.mark.skipif(GIT_ANNEX is None, reason="git-annex (the oracle) not on PATH")
+GIT_ANNEX = find_git_annex()
+needs_annex = pytest.mark.skipif(GIT_ANNEX is None, reason="git-annex (the oracle) not installed")
+# The oracle's directory first on the PATH of every command run here: `git annex` finds it.
+ORACLE_PATH = os.pathsep.join(
+    ([str(GIT_ANNEX.parent)] if GIT_ANNEX is not None else []) + [os.environ.get("PATH", "")]
+)
 
 # --- repository state shared by our contexts and the oracle repository -----------------------
 
@@ -616,14 +622,15 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
 def _git(
     *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    environ = dict(
-        os.environ,
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.invalid",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.invalid",
+    environ = {
+        **os.environ,
+        "PATH": ORACLE_PATH,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
         **(env or {}),
-    )
+    }
     return subprocess.run(args, cwd=cwd, env=environ, capture_output=True, text=True, check=check)
 
 
@@ -658,7 +665,7 @@ def _make_repo(root: Path, logs: dict[str, str]) -> Path:
 @pytest.fixture(scope="module")
 def oracle_repo() -> Iterator[Path]:
     if GIT_ANNEX is None:
-        pytest.skip("git-annex (the oracle) not on PATH")
+        pytest.skip("git-annex (the oracle) not installed")
     yield from _oracle_repo()
 
 
@@ -942,7 +949,7 @@ def _real_shell_env(tmp: Path) -> dict[str, str]:
     bindir = tmp / "bin"
     bindir.mkdir()
     (bindir / "git-annex-shell").symlink_to(GIT_ANNEX)
-    return {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    return {"PATH": f"{bindir}{os.pathsep}{ORACLE_PATH}"}
 
 
 def _gateway_put(gw: Path, cluster: str, af: str, data: bytes, env: dict[str, str]) -> set[str]:

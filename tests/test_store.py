@@ -881,8 +881,11 @@ def test_symlinked_object_or_objects_dir_is_absent(bare: Path, tmp_path: Path) -
     moved.write_bytes(data)  # a real object, but only reachable through the symlink
     (bare / "annex" / "objects").symlink_to(elsewhere)
     assert store.find_object(key) is None
-    with pytest.raises(OSError):
+    # Refused as a symlink in the walk (storefs.py): opening a directory with O_DIRECTORY |
+    # O_NOFOLLOW gives ENOTDIR for a symlink, opening a file with O_NOFOLLOW gives ELOOP.
+    with pytest.raises(OSError) as info:
         put(store, sha_key(b"x"), b"x")
+    assert info.value.errno == errno.ENOTDIR, info.value
     assert not (elsewhere / sha_key(b"x").hashdir_lower()).exists()
 
 
@@ -904,8 +907,9 @@ def test_symlinked_partial_or_tmp_dir_is_refused(bare: Path, tmp_path: Path) -> 
     tmp = bare / "annex" / "tmp"
     tmp.mkdir(exist_ok=True)
     (tmp / key.keyfile()).symlink_to(target)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         store.begin_receive(key)
+    assert info.value.errno == errno.ELOOP, info.value
     assert target.read_bytes() == b"do not touch"
     # The receive lock was released on the way out.
     assert os.listdir(bare / "annex" / "transfer" / "download" / "lck") == []
@@ -913,8 +917,9 @@ def test_symlinked_partial_or_tmp_dir_is_refused(bare: Path, tmp_path: Path) -> 
     (tmp / key.keyfile()).unlink()
     tmp.rmdir()
     tmp.symlink_to(tmp_path)  # annex/tmp itself
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         store.begin_receive(key)
+    assert info.value.errno == errno.ENOTDIR, info.value
     assert not (tmp_path / key.keyfile()).exists()
 
 
@@ -928,8 +933,9 @@ def test_symlinked_key_dir_is_not_written_through(bare: Path, tmp_path: Path) ->
     store.object_path(key).parent.symlink_to(elsewhere)
     with store.begin_receive(key) as r:
         r.write(data)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as info:
             r.finish()
+        assert info.value.errno == errno.ENOTDIR, info.value
     assert os.listdir(elsewhere) == []
     assert store.partial_path(key).read_bytes() == data  # kept, verified again on resume
 
