@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable
 
 import trio
@@ -90,13 +91,29 @@ class P2PChannel:
 def stdio_channel(*, idle_timeout: float = 7200.0) -> P2PChannel:
     """A channel on this process's stdin/stdout (the ssh session).
 
-    FdStream makes the open file description non-blocking; nothing else in this process
-    touches fds 0 and 1 afterwards, children get pipes of their own, and `restore_stdio`
-    puts blocking mode back before exit for whoever shares the description.
+    FdStream makes the open file description it gets non-blocking. For a pipe that is a
+    description of our own (`_private_fd`), so whoever shares fd 0 or 1's (a parent shell)
+    never sees the flag, even if we are killed. A socket cannot be reopened: it gets a dup,
+    whose shared flag `restore_stdio` puts back before exit (not after SIGKILL; the peer
+    holding the socket's other end has a description of its own).
     """
-    stdin = trio.lowlevel.FdStream(os.dup(0))
-    stdout = trio.lowlevel.FdStream(os.dup(1))
+    stdin = trio.lowlevel.FdStream(_private_fd(0, os.O_RDONLY))
+    stdout = trio.lowlevel.FdStream(_private_fd(1, os.O_WRONLY))
     return P2PChannel(stdin, stdout, idle_timeout=idle_timeout)
+
+
+def _private_fd(fd: int, mode: int) -> int:
+    """`fd`'s pipe opened again through /proc (a new open file description), else a dup.
+
+    O_NONBLOCK on the open: a pipe whose writer is gone would otherwise block it (FIFO
+    semantics), and one whose reader is gone fails it (ENXIO), which is the dup's case.
+    """
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        pass
+    return os.dup(fd)
 
 
 def restore_stdio() -> None:

@@ -17,6 +17,7 @@ Rows 31-34, 36 and 37 are about the proxy, clusters and the git relay and live e
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -1820,36 +1821,75 @@ ENDINGS: dict[str, Callable[[int], None]] = {
 }
 
 
-@pytest.mark.parametrize("ending", sorted(ENDINGS))
-def test_row_38_stdio_is_blocking_again_after_the_session(server: Server, ending: str) -> None:
-    """trio's FdStream makes the *open file description* of stdin/stdout non-blocking, which
-    everyone sharing it (sshd's other users of the pipe, a parent shell) would see. We keep
-    our own ends of the very same pipes and watch the flag: off during the session (proving
-    the check can see it), on again after, however the session ends."""
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
+@contextlib.contextmanager
+def _stdio(kind: str) -> Iterator[tuple[int, int, int, int]]:
+    """(child's stdin, child's stdout, our write end, our read end) as the session's parent
+    would hold them: two pipes (a forked shell, this test), or one socketpair for both
+    (sshd on Linux). Our ends of the child's fds share its open file descriptions."""
+    if kind == "pipe":
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        fds = [in_r, in_w, out_r, out_w]
+        child_in, child_out, ours_w, ours_r = in_r, out_w, in_w, out_r
+    else:
+        ours, theirs = socket.socketpair()
+        fds = [ours.detach(), theirs.detach()]
+        child_in = child_out = fds[1]
+        ours_w = ours_r = fds[0]
     try:
-        proc = subprocess.Popen(
-            p2pstdio_argv(server.shell, server.repo),
-            stdin=in_r,
-            stdout=out_w,
-            stderr=subprocess.DEVNULL,
-            env=server.env(),
-            cwd=server.home,
-        )
-        with os.fdopen(out_r, "rb", buffering=0, closefd=False) as out:
-            assert out.readline().startswith(b"AUTH-SUCCESS ")
-            assert not os.get_blocking(in_r) and not os.get_blocking(out_w)
-            ENDINGS[ending](in_w)
-            os.close(in_w)
-            in_w = -1
-            proc.wait(timeout=20)
-        assert os.get_blocking(in_r), "stdin left non-blocking"
-        assert os.get_blocking(out_w), "stdout left non-blocking"
+        yield child_in, child_out, ours_w, ours_r
     finally:
-        for fd in (in_r, in_w, out_r, out_w):
-            if fd >= 0:
+        for fd in fds:
+            with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _start_session(server: Server, child_in: int, child_out: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        p2pstdio_argv(server.shell, server.repo),
+        stdin=child_in,
+        stdout=child_out,
+        stderr=subprocess.DEVNULL,
+        env=server.env(),
+        cwd=server.home,
+    )
+
+
+def _read_greeting(fd: int) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        piece = os.read(fd, 1)
+        assert piece, line
+        line += piece
+    return line
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socketpair"])
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_row_38_stdio_is_blocking_again_after_the_session(
+    server: Server, ending: str, kind: str
+) -> None:
+    """trio's FdStream makes the *open file description* it is given non-blocking, which
+    everyone sharing it (a parent shell, whoever else holds the pipe) would see. We keep our
+    own ends of the very same pipes and watch the flag. A pipe is reopened by the session
+    (a description of its own): the shared one is never touched. A socket cannot be
+    reopened: the flag is off during the session (proving the check can see it), and on
+    again after, however the session ends."""
+    with _stdio(kind) as (child_in, child_out, ours_w, ours_r):
+        proc = _start_session(server, child_in, child_out)
+        assert _read_greeting(ours_r).startswith(b"AUTH-SUCCESS ")
+        shared = kind == "socketpair"
+        assert os.get_blocking(child_in) is not shared
+        assert os.get_blocking(child_out) is not shared
+        ENDINGS[ending](ours_w)
+        if kind == "pipe":
+            os.close(ours_w)
+        else:
+            with socket.socket(fileno=os.dup(ours_w)) as sock:
+                sock.shutdown(socket.SHUT_WR)
+        proc.wait(timeout=60)
+        assert os.get_blocking(child_in), "stdin left non-blocking"
+        assert os.get_blocking(child_out), "stdout left non-blocking"
 
 
 def test_row_38_git_shell_child_gets_blocking_stdin(server: Server) -> None:
@@ -1872,29 +1912,14 @@ def test_row_38_git_shell_child_gets_blocking_stdin(server: Server) -> None:
     assert rec["stdin_blocking"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: nothing runs after SIGKILL, so the shared descriptions stay "
-    "non-blocking; only whoever spawned us shares them (sshd holds the pipes' other ends)",
-)
-def test_row_38_sigkill_leaves_stdio_non_blocking(server: Server) -> None:
-    """Documents the one ending the tests above cannot cover."""
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            p2pstdio_argv(server.shell, server.repo),
-            stdin=in_r,
-            stdout=out_w,
-            stderr=subprocess.DEVNULL,
-            env=server.env(),
-            cwd=server.home,
-        )
-        with os.fdopen(out_r, "rb", buffering=0, closefd=False) as out:
-            assert out.readline().startswith(b"AUTH-SUCCESS ")
+def test_row_38_sigkill_leaves_piped_stdio_blocking(server: Server) -> None:
+    """Nothing of ours runs after SIGKILL: the shared descriptions of piped stdin and
+    stdout must never have been made non-blocking. (A socket, which cannot be reopened,
+    keeps the restore-at-exit; the process holding its other end has its own description.)"""
+    with _stdio("pipe") as (child_in, child_out, _ours_w, ours_r):
+        proc = _start_session(server, child_in, child_out)
+        assert _read_greeting(ours_r).startswith(b"AUTH-SUCCESS ")
         proc.kill()
-        proc.wait(timeout=20)
-        assert os.get_blocking(in_r) and os.get_blocking(out_w)
-    finally:
-        for fd in (in_r, in_w, out_r, out_w):
-            os.close(fd)
+        proc.wait(timeout=60)
+        assert os.get_blocking(child_in), "stdin left non-blocking"
+        assert os.get_blocking(child_out), "stdout left non-blocking"
