@@ -432,7 +432,7 @@ def real_shell_wrapper(site: Site) -> Path:
     )
 
 
-@pytest.mark.parametrize("first", ["ours", pytest.param("real", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("first", ["ours", "real"])
 def test_two_gateways_with_the_real_git_annex_shell(shell_site: Site, first: str) -> None:
     """gw1 and gw2 extend one cluster; one of them is git-annex's own git-annex-shell.
     Content fans out through both, comes back from node3 through both, and drops
@@ -455,7 +455,7 @@ def test_two_gateways_with_the_real_git_annex_shell(shell_site: Site, first: str
     keys = site.add_files(client, files)
     all_nodes = {u[n] for n in nodes}
 
-    site.client(client, "git", "annex", "copy", "--to", "origin-mycluster", *files, timeout=60)
+    site.client(client, "git", "annex", "copy", "--to", "origin-mycluster", *files)
     real_gateway = gw2.gateway if first == "ours" else gw1.gateway
     calls = (wrapper.parent / "calls").read_text()
     assert f"p2pstdio {real_gateway} " in calls and f"--uuid {gw1.uuid}" in calls, calls
