@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import get_args
 
 import pytest
+import traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,6 +74,11 @@ KEY, KEY3 = Key.parse(K), Key.parse(K3)
 SERVER = "5e7e0000-0000-4000-8000-000000000001"
 N1, N2, N3 = (f"40de0000-0000-4000-8000-00000000000{i}" for i in (1, 2, 3))
 CLUSTER = "ac8fad45-873b-8322-9d01-7c563dab1f32"
+GW1, GW2 = (f"9a7e0000-0000-4000-8000-00000000000{i}" for i in (1, 2))
+# Keys of plain.txt's files.
+K_A = "SHA256E-s6--5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03.txt"
+K_ODD = "SHA256E-s8--bdb529e2b704ffb0987bd7a4aa08212faf219af60205808cd099783fd047c145.txt"
+K_BIG = "SHA256E-s70000--bca09f4a757d5571c7d9f3341d4301f3c391c090826acc1a3013c6bcb7c01722.dat"
 
 
 def drain(conn: P2PConnection, out: list[Event]) -> bool:
@@ -214,36 +220,45 @@ def test_data_round_trip() -> None:
 # --- exact wire lines from the traces --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("msg", "line"),
-    [
-        (AuthSuccess(SERVER), f"AUTH-SUCCESS {SERVER}"),
-        (Get(0, None, KEY), f"GET 0  {K}"),  # fsck --from: two spaces
-        (Put("a file.txt", KEY), f"PUT a%file.txt {K}"),  # plain.txt
-        (Put("odd 50%.txt", KEY), f"PUT odd%50%%.txt {K}"),
-        (Put("sub/big.dat", KEY), f"PUT sub/big.dat {K}"),
-        (RemoveBefore(1, KEY), f"REMOVE-BEFORE 1 {K}"),
-        (Bypass((N1, N2)), f"BYPASS {N1} {N2}"),  # cluster.txt
-        (SuccessPlus((N2, N1, CLUSTER, N3)), f"SUCCESS-PLUS {N2} {N1} {CLUSTER} {N3}"),
-        (FailurePlus((N1, CLUSTER, N3)), f"FAILURE-PLUS {N1} {CLUSTER} {N3}"),
-        (AlreadyHavePlus((N3,)), f"ALREADY-HAVE-PLUS {N3}"),
-        (Error("expected PUT_FROM or ALREADY_HAVE"), "ERROR expected PUT_FROM or ALREADY_HAVE"),
-        (
-            Changed(("857ff97c31b5d29b11ee9844286bb960790e0657",)),
-            "CHANGED 857ff97c31b5d29b11ee9844286bb960790e0657",
-        ),
-        (Data(12), "DATA 12"),
-        (DataPresent(), "DATA-PRESENT"),
-        (PutFrom(6), "PUT-FROM 6"),
-        (Timestamp(6887), "TIMESTAMP 6887"),
-        # Empty trailing fields as upstream's `unwords` writes them (P2P/Protocol.hs):
-        # list messages are separate words, CHANGED and ERROR one (possibly empty) word.
-        (SuccessPlus(()), "SUCCESS-PLUS"),
-        (Bypass(()), "BYPASS"),
-        (Changed(()), "CHANGED "),
-        (Error(""), "ERROR "),
-    ],
-)
+# Each line as git-annex sent it in a transcript (test_exact_lines_are_in_the_traces reads
+# them there), except the last four, which are ours from reading P2P/Protocol.hs.
+TRACE_LINES: list[tuple[Message, str]] = [
+    (AuthSuccess(SERVER), f"AUTH-SUCCESS {SERVER}"),
+    (Get(0, None, KEY), f"GET 0  {K}"),  # fsck --from: two spaces
+    (Put("a file.txt", Key.parse(K_A)), f"PUT a%file.txt {K_A}"),  # plain.txt
+    (Put("odd 50%.txt", Key.parse(K_ODD)), f"PUT odd%50%%.txt {K_ODD}"),
+    (Put("sub/big.dat", Key.parse(K_BIG)), f"PUT sub/big.dat {K_BIG}"),
+    (RemoveBefore(1, KEY), f"REMOVE-BEFORE 1 {K}"),
+    (Bypass((GW1, GW2)), f"BYPASS {GW1} {GW2}"),  # cluster.txt
+    (SuccessPlus((N2, N1, CLUSTER, N3)), f"SUCCESS-PLUS {N2} {N1} {CLUSTER} {N3}"),
+    (FailurePlus((N1, CLUSTER, N3)), f"FAILURE-PLUS {N1} {CLUSTER} {N3}"),
+    (AlreadyHavePlus((N3,)), f"ALREADY-HAVE-PLUS {N3}"),
+    (Error("expected PUT_FROM or ALREADY_HAVE"), "ERROR expected PUT_FROM or ALREADY_HAVE"),
+    (
+        Changed(("857ff97c31b5d29b11ee9844286bb960790e0657",)),
+        "CHANGED 857ff97c31b5d29b11ee9844286bb960790e0657",
+    ),
+    (Data(12), "DATA 12"),
+    (DataPresent(), "DATA-PRESENT"),
+    (PutFrom(6), "PUT-FROM 6"),
+    (Timestamp(6887), "TIMESTAMP 6887"),
+]
+# Empty trailing fields as upstream's `unwords` writes them (P2P/Protocol.hs): list
+# messages are separate words, CHANGED and ERROR one (possibly empty) word.
+EMPTY_FIELD_LINES: list[tuple[Message, str]] = [
+    (SuccessPlus(()), "SUCCESS-PLUS"),
+    (Bypass(()), "BYPASS"),
+    (Changed(()), "CHANGED "),
+    (Error(""), "ERROR "),
+]
+
+
+def test_exact_lines_are_in_the_traces() -> None:
+    missing = [line for _, line in TRACE_LINES if not traces.sent_anywhere(line)]
+    assert missing == []
+
+
+@pytest.mark.parametrize(("msg", "line"), TRACE_LINES + EMPTY_FIELD_LINES)
 def test_serialize_exact(msg: Message, line: str) -> None:
     assert serialize(msg) == line.encode() + b"\n"
 

@@ -22,6 +22,8 @@ SHARED = Path(os.environ.get("ANNEXPROXY_SHARED", ROOT.parent / "shared"))
 TRACES = SHARED / "spec" / "traces"
 
 _STEP = re.compile(r"^## Step (\w+):")
+# A line a session sent: `[Sn] C> line`, `C> line` (edgecases.txt), or a driver's `  | S> line`.
+_SENT = re.compile(r"^(?:\[S\d+\] |  \| )?[CS]> (.*)$")
 
 
 @functools.cache
@@ -80,3 +82,16 @@ def branch_file(name: str, repository: str, path: str) -> bytes:
     if not out:
         pytest.fail(f"{name}: no branch file {path} of {repository}")
     return "".join(out).encode()
+
+
+def sent_anywhere(line: str) -> bool:
+    """Whether some session of some transcript sent `line` (either direction)."""
+    names = sorted(path.name for path in TRACES.glob("*.txt"))
+    if not names:
+        pytest.fail(f"no transcripts in {TRACES} (put shared/ beside the clone)")
+    for name in names:
+        for text in _text(name).splitlines():
+            match = _SENT.match(text)
+            if match is not None and match.group(1) == line:
+                return True
+    return False
