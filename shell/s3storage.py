@@ -52,6 +52,7 @@ import trio
 from git_remote_annexproxy import s3sign
 from git_remote_annexproxy.crypto import Gpg
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.specialformat import dot_segment
 from shell.p2pserver import warn
 from shell.s3creds import CredentialSource
 from shell.specialstore import ObjectMissing, ObjectStat, SpecialStorage, StorageError
@@ -253,6 +254,12 @@ class S3Storage(SpecialStorage):
         return self._creds
 
     def _object(self, name: str) -> str:
+        """The request path of object ``name``. Every request goes through here, so a name
+        with a dot segment never reaches S3, whichever path it came by (plain PUT, GET,
+        CHECKPRESENT, REMOVE, the extensions, a presign)."""
+        if dot_segment(name):
+            raise StorageError(f"object name {_clean(name)} has a '.' or '..' path segment: "
+                               "refused for S3")  # fmt: skip
         return self.config.object_path(self.config.fileprefix + name)
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -501,6 +508,8 @@ class S3Storage(SpecialStorage):
         for name, upload in stale_uploads(listing.body, c.fileprefix, now)[:MAX_ABORTS]:
             if time.monotonic() >= deadline:
                 break
+            if dot_segment(name):
+                continue  # never in a request path (see _object)
             try:
                 self._call(f"abort upload of {name}", "DELETE", c.object_path(name),
                            (("uploadId", upload),))  # fmt: skip

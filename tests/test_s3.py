@@ -157,6 +157,26 @@ async def test_store_retrieve_present_remove(moto: MotoServer, creds_env: None) 
     await storage.aclose()
 
 
+async def test_no_request_names_an_object_with_a_dot_segment(
+    moto: MotoServer, creds_env: None
+) -> None:
+    bucket = new_bucket(moto, "dots")
+    storage = S3Storage.from_remote(UUID, s3_fields(moto, bucket), {})
+    key = Key.parse("URL--http://example.com/a/../../other/x")
+    for call in (storage.present(key), storage.remove(key), storage.stat(str(key)),
+                 storage.store(key, pieces(b"x")), read_all(storage, key)):  # fmt: skip
+        with pytest.raises(StorageError, match="path segment"):
+            await call
+    with pytest.raises(StorageError, match="path segment"):
+        storage.presign_put(str(key), 1, "0" * 64, 60, TAG)
+    assert moto.list_objects(bucket) == {}
+    # A name with dots that are no segment of their own is an ordinary object.
+    fine = Key.parse("URL--http://example.com/a..b/.x")
+    await storage.store(fine, pieces(b"x"))
+    assert await storage.present(fine)
+    await storage.aclose()
+
+
 async def test_large_stream_goes_multipart_in_bounded_pieces(
     moto: MotoServer, creds_env: None
 ) -> None:

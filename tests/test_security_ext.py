@@ -38,6 +38,8 @@ Rows (probe -> expected):
       then stores (its size does not) -> FAILURE, the object kept (a checksum is no proof
       of authorship); an unencrypted object whose size its key does not bind (a key
       without -s, or its chunks) -> no URL at all, and the plain PUT's chunks survive
+- X17 plain PUT/GET/CHECKPRESENT/REMOVE of a URL key with `.`/`..` segments on S3 ->
+      ERROR before any request names it (the extension's object-name rule)
 
 Known limits, by design (HACKING.md "P2P extensions"): the proxy cannot check encrypted
 objects' or chunks' content, and on a hybrid/pubkey remote it cannot compute the names a
@@ -706,6 +708,35 @@ def test_x5_traversal_never_reaches_a_url(s3world: S3World) -> None:
                 continue
             assert s.request(f"PUTINDIRECT {name} 1 {sha(b'x')}") == "ERROR bad object name"
         in_step(s)
+
+
+DOT_KEYS = ["URL--http://example.com/a/../../../s3enc/x", "URL--http://example.com/./x",
+            "URL-s5--http://h/../x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("remote", ["s3flat", "s3chunk"])
+def test_x17_dot_segments_never_reach_s3_on_the_plain_path(s3world: S3World, remote: str) -> None:
+    """One object-name rule for every path: the plain PUT, GET, CHECKPRESENT and REMOVE of
+    a key with a `.` or `..` segment are refused as the extension's requests are, before
+    any request names it to S3 (a URL path an HTTP library or a proxy in front of the
+    storage could resolve into another object or bucket)."""
+    before = {b: set(s3world.server.list_objects(b)) for b in S3_REMOTES}
+    with s3world.shell(remote) as s:
+        s.handshake()
+        for key in DOT_KEYS:
+            answer = s.request(f"PUT x {key}")
+            if answer == "PUT-FROM 0":
+                s.send_data(b"hello")
+                answer = s.request("VALID")
+            assert answer.startswith("ERROR") and "segment" in answer, answer
+            assert s.request(f"CHECKPRESENT {key}").startswith("ERROR")
+            assert s.request(f"GET 0 x {key}").startswith("ERROR")
+            assert s.request(f"REMOVE {key}").startswith("ERROR")
+        in_step(s)
+        assert s.finish().code == 0
+    assert {b: set(s3world.server.list_objects(b)) for b in S3_REMOTES} == before
+    for key in DOT_KEYS:
+        assert s3world.branch_file(location_log_path(Key.parse(key))) is None
 
 
 # X9 (indirect) ---------------------------------------------------------------------------------
