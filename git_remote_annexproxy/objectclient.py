@@ -202,8 +202,7 @@ async def _send_object(job: _Job, name: str, offset: int, length: int) -> None:
                                job.content.read_range(offset, length), _into(spool),
                                GPG_TIMEOUT)  # fmt: skip
             source, start, length = spool, 0, spool.size
-        if p2p.EXT_INDIRECT in job.agreed:
-            await _indirect(session, name, source, start, length)
+        if p2p.EXT_INDIRECT in job.agreed and await _indirect(session, name, source, start, length):
             job.on_bytes(length)
             return
         result = await session.putobject(name, length, _counted(source, start, length, job))
@@ -229,22 +228,26 @@ def _into(spool: Spool) -> ObjectWriter:
     return store
 
 
-async def _indirect(session: P2PSession, name: str, source: Spool, start: int, n: int) -> None:
+async def _indirect(session: P2PSession, name: str, source: Spool, start: int, n: int) -> bool:
+    """Send one object straight to the storage; False when the proxy gives no URL for it
+    (FAILURE: e.g. a key without size, whose objects the proxy checks only as they pass
+    through it), and the caller sends it with PUTOBJECT instead."""
     digest = hashlib.sha256()
     async with contextlib.aclosing(source.read_range(start, n)) as it:
         async for piece in it:
             digest.update(piece)
     reply = await session.putindirect(name, n, digest.hexdigest())
     if isinstance(reply, p2p.AlreadyHave):
-        return
+        return True
     if not isinstance(reply, p2p.Indirect):
-        raise ObjectError(f"{session.name}: the proxy refused an upload URL for {name}")
+        return False
     try:
         await http_put(reply.url, dict(reply.headers), source.fd, start, n)
     except OSError as exc:
         raise ObjectError(f"{session.name}: upload of {name} failed: {exc}") from None
     if not await session.indirectdone(name):
         raise ObjectError(f"{session.name}: the storage did not get {name} intact")
+    return True
 
 
 # --- download -----------------------------------------------------------------------------------

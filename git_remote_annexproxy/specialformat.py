@@ -202,12 +202,18 @@ def object_name(name: str, mac: str | None) -> Key | None:
         return None
     if key.canonical() != name or key.backend.startswith("GPGHMAC"):
         return None
-    # A key may hold "/" (URL keys); an S3 object name is the key itself, and a presigned
-    # URL's path with a "." or ".." segment could be resolved by an HTTP library or a
-    # proxy in front of the storage into another object or bucket. No real key has one.
-    if {".", ".."} & set(name.split("/")):
+    if dot_segment(name):
         return None
     return key
+
+
+def dot_segment(name: str) -> bool:
+    """Whether object ``name`` has a ``.`` or ``..`` path segment. A key may hold "/" (URL
+    keys); an S3 object name is the key itself, and a URL path with such a segment could
+    be resolved by an HTTP library or a proxy in front of the storage into another object
+    or bucket. The one rule for every path to a storage (``object_name`` for the
+    extensions, ``shell/s3storage.py`` for every S3 request)."""
+    return bool({".", ".."} & set(name.split("/")))
 
 
 # --- writing ----------------------------------------------------------------------------------

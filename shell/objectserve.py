@@ -9,10 +9,11 @@ location; nothing is logged before all checks pass.
 
 With `annexproxy-indirect` (a storage that can presign uploads: S3) the bytes bypass the
 proxy: it answers `PUTINDIRECT` with a presigned URL for that one object, and on
-`INDIRECTDONE` checks the stored object's size and SHA-256 against what it presigned,
-removing it on a mismatch only when the object carries the checksum that was presigned
-(so it is the client's own upload, not one another writer stored meanwhile). Only names
-presigned in this session are accepted there.
+`INDIRECTDONE` checks the stored object's size and SHA-256 against what it presigned. On
+a mismatch it removes the object only in a session with full write access, and only when
+the object carries the random tag signed into that one URL (so it is the client's own
+upload, not one another writer stored meanwhile). Only names presigned in this session
+are accepted there; unencrypted objects whose size the key does not bind get no URL.
 
 For an unencrypted remote the names are keys, so the proxy checks what it can against the
 key, as for a plain PUT: the object's size (whole key or chunk), a whole key's hash
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,10 +46,11 @@ from git_remote_annexproxy.branch import current_clock
 from git_remote_annexproxy.crypto import Cipher, encrypted_key, mac_name
 from git_remote_annexproxy.keys import Key, Verifier
 from git_remote_annexproxy.specialformat import ObjectMissing, Spool, object_name, plan
+from shell import restrict
 from shell.front import FrontSession
 from shell.p2pserver import SessionEnd, warn
 from shell.speciallink import PIECE, SpecialLink
-from shell.specialstore import StorageError
+from shell.specialstore import ObjectStat, StorageError
 
 # Presigned URLs live this long (git config annexproxy.presignexpiry, seconds, at most a
 # day): long enough to start one chunk's upload, short enough to be useless later.
@@ -62,10 +65,10 @@ MAX_PENDING = 4096
 
 class Presigner(Protocol):
     def presign_put(
-        self, name: str, size: int, sha256_hex: str, expires: int
+        self, name: str, size: int, sha256_hex: str, expires: int, tag: str
     ) -> tuple[str, dict[str, str]]: ...
 
-    async def stat(self, name: str) -> tuple[int, str | None] | None: ...
+    async def stat(self, name: str) -> ObjectStat | None: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class _Pending:
     key: Key
     size: int
     sha256: str
+    tag: str  # random, signed into the URL: what only an upload through it carries
     verify: bool  # read the object back and verify it against its key at INDIRECTDONE
 
 
@@ -160,7 +164,7 @@ class ObjectService:
         stat = _presigner(self.link)
         if stat is not None:
             found = await stat.stat(key.canonical())
-            return None if found is None else found[0]
+            return None if found is None else found.size
         if not await self.storage.present(key):
             return None
         try:
@@ -411,23 +415,26 @@ class ObjectService:
             return
         # Unencrypted: the URL may only carry the key's content. Its size, and for a
         # SHA256(E) whole key its hash, are what the storage will hold the upload to;
-        # another hash is verified by reading the object back at INDIRECTDONE.
+        # another hash is verified by reading the object back at INDIRECTDONE. A key
+        # without size binds no length at all: no URL (PUTOBJECT is checked here).
         expected = self._length(key)
         whole = key.chunk_num is None and key.chunk_size is None
         sha_key = self.link.mac is None and whole and key.backend in ("SHA256", "SHA256E")
-        if (expected is not None and size != expected) or (
-            sha_key and sha256 != key.name.partition(".")[0]
+        if (self.link.mac is None and expected is None) or (
+            (expected is not None and size != expected)
+            or (sha_key and sha256 != key.name.partition(".")[0])
         ):
             await self.front.send(p2p.Failure())
             return
         if len(self.pending) >= MAX_PENDING:
             await self.front.send(p2p.Failure())
             return
+        tag = secrets.token_hex(16)
         url, headers = await trio.to_thread.run_sync(
-            self.presigner.presign_put, str(key), size, sha256, self.expiry
+            self.presigner.presign_put, str(key), size, sha256, self.expiry, tag
         )
         verify = self.link.mac is None and key.verifiable and not sha_key
-        self.pending[str(key)] = _Pending(key, size, sha256, verify)
+        self.pending[str(key)] = _Pending(key, size, sha256, tag, verify)
         await self.front.send(p2p.Indirect(url, tuple(headers.items())))
 
     async def indirect_done(self, name: str) -> None:
@@ -443,21 +450,22 @@ class ObjectService:
         if found is None:
             await self.front.send(p2p.Failure())
             return
-        size, reported = found
-        ok = size == pending.size and (reported or await self._digest(pending.key)) == (
-            pending.sha256
-        )
+        ok = found.size == pending.size and (
+            found.sha256 or await self._digest(pending.key)
+        ) == pending.sha256
         if ok and pending.verify:
             ok = await self._verifies(pending.key)
         if ok:
             await self.front.send(p2p.Success())
             return
-        # Remove only the client's own upload: the name was absent when presigned, but
-        # another writer may have stored it since (a good object, which a claim of a
-        # wrong checksum must not delete, in any mode). Only an upload through this URL
-        # carries the presigned checksum (a signed header); a storage that reports none
-        # cannot tell whose the object is, so it is left alone.
-        if reported == pending.sha256:
+        # Deletion never follows from a client's claim. The name was absent when presigned,
+        # but another writer may have stored it since (a good object, which a wrong claim
+        # must not delete): only an object carrying this presign's random tag (a signed
+        # header, kept as metadata) came through this URL. A checksum proves nothing of
+        # the sort (the proxy's own PUT sends the same one for the same bytes). And an
+        # append-only session removes nothing at all.
+        ours = found.tag == pending.tag
+        if ours and self.front.mode >= restrict.Mode.READWRITE:
             warn(f"  {name}: stored object does not match what was presigned; removed")
             with contextlib.suppress(StorageError):
                 await self.storage.remove(pending.key)

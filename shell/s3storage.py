@@ -52,9 +52,10 @@ import trio
 from git_remote_annexproxy import s3sign
 from git_remote_annexproxy.crypto import Gpg
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.specialformat import dot_segment
 from shell.p2pserver import warn
 from shell.s3creds import CredentialSource
-from shell.specialstore import ObjectMissing, SpecialStorage, StorageError
+from shell.specialstore import ObjectMissing, ObjectStat, SpecialStorage, StorageError
 
 # A stream is sent as one PUT up to this size, else in parts of this size (S3's minimum
 # part is 5 MiB). Also the most a store holds in memory.
@@ -77,6 +78,9 @@ LIST_UPLOADS = 100
 MAX_ABORTS = 10
 CLEANUP_SECONDS = 10.0
 _ERROR_BODY = 1 << 16
+# The user metadata a presigned PUT must carry (a signed header): the proxy's random tag
+# of that one presign, so that an object can be told to have come through that URL.
+UPLOAD_TAG = "x-amz-meta-annexproxy-upload"
 _T = TypeVar("_T")
 
 
@@ -132,7 +136,9 @@ class S3Config:
         if style not in (None, "path"):
             raise S3ConfigError(f"bad S3 requeststyle value: {style}")
         headers = [("x-amz-storage-class", fields.get("storageclass", "STANDARD"))]
-        headers += sorted((k, v) for k, v in fields.items() if k.startswith("x-amz-meta-"))
+        # Never the proxy's own upload tag: only a presigned URL may set it.
+        headers += sorted((k, v) for k, v in fields.items()
+                          if k.startswith("x-amz-meta-") and k.lower() != UPLOAD_TAG)  # fmt: skip
         return cls(
             bucket=bucket,
             host=host,
@@ -248,6 +254,12 @@ class S3Storage(SpecialStorage):
         return self._creds
 
     def _object(self, name: str) -> str:
+        """The request path of object ``name``. Every request goes through here, so a name
+        with a dot segment never reaches S3, whichever path it came by (plain PUT, GET,
+        CHECKPRESENT, REMOVE, the extensions, a presign)."""
+        if dot_segment(name):
+            raise StorageError(f"object name {_clean(name)} has a '.' or '..' path segment: "
+                               "refused for S3")  # fmt: skip
         return self.config.object_path(self.config.fileprefix + name)
 
     def _connect(self) -> http.client.HTTPConnection:
@@ -496,6 +508,8 @@ class S3Storage(SpecialStorage):
         for name, upload in stale_uploads(listing.body, c.fileprefix, now)[:MAX_ABORTS]:
             if time.monotonic() >= deadline:
                 break
+            if dot_segment(name):
+                continue  # never in a request path (see _object)
             try:
                 self._call(f"abort upload of {name}", "DELETE", c.object_path(name),
                            (("uploadId", upload),))  # fmt: skip
@@ -508,18 +522,23 @@ class S3Storage(SpecialStorage):
     # -- for indirect uploads --------------------------------------------------------------------
 
     def presign_put(
-        self, name: str, size: int, sha256_hex: str, expires: int
+        self, name: str, size: int, sha256_hex: str, expires: int, tag: str
     ) -> tuple[str, dict[str, str]]:
         """A URL to PUT object ``name`` (a key serialization) within ``expires`` seconds,
         and the headers the client must send with it. The signature covers the size
-        (Content-Length), the SHA-256 (x-amz-checksum-sha256) and If-None-Match: *, so a
-        server that checks signed headers refuses any other body and any overwrite. May
-        block once to find credentials."""
+        (Content-Length), the SHA-256 (x-amz-checksum-sha256), If-None-Match: * and the
+        ``tag`` (UPLOAD_TAG, kept as the object's metadata and reported by `stat`), so a
+        server that checks signed headers refuses any other body and any overwrite, and
+        only an upload through this URL carries the tag. May block once to find
+        credentials."""
         if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256_hex):
             raise ValueError("presign_put needs a size and a lower-case hex SHA-256")
+        if not re.fullmatch(r"[0-9a-f]{16,64}", tag):
+            raise ValueError("presign_put needs a random hex tag")
         checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
         headers = {
             **dict(self.config.headers),
+            UPLOAD_TAG: tag,
             "Content-Length": str(size),
             "x-amz-checksum-sha256": checksum,
             "x-amz-sdk-checksum-algorithm": "SHA256",
@@ -536,9 +555,9 @@ class S3Storage(SpecialStorage):
         )  # fmt: skip
         return self.config.url(path, query), headers
 
-    async def stat(self, name: str) -> tuple[int, str | None] | None:
-        """(size, hex SHA-256 when the server reports the object's checksum) of object
-        ``name``, or None when it is absent."""
+    async def stat(self, name: str) -> ObjectStat | None:
+        """Size, hex SHA-256 (when the server reports the object's checksum) and upload
+        tag (when it came through a presigned URL) of object ``name``; None if absent."""
         found = await self._run(lambda: self._head(name, True))
         if found is None:
             return None
@@ -555,7 +574,7 @@ class S3Storage(SpecialStorage):
                 raw = b""
             # A multipart object's checksum is of its parts' checksums ("…-N"): not ours.
             digest = raw.hex() if len(raw) == 32 else None
-        return size, digest
+        return ObjectStat(size, digest, found.headers.get(UPLOAD_TAG))
 
     async def aclose(self) -> None:
         while self._idle:

@@ -21,13 +21,14 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import NamedTuple
 
 import trio
 
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.specialformat import ObjectMissing, StorageError
 
-__all__ = ["DirectoryStorage", "ObjectMissing", "SpecialStorage", "StorageError"]
+__all__ = ["DirectoryStorage", "ObjectMissing", "ObjectStat", "SpecialStorage", "StorageError"]
 
 # Writes are gathered into pieces of this size before a worker thread writes them.
 WRITE_SIZE = 1 << 20
@@ -36,6 +37,14 @@ READ_SIZE = 1 << 20
 # this long was left by a process that was killed.
 STALE_TMP_SECONDS = 3600.0
 _TMP_PREFIX = "annexproxy."
+
+
+class ObjectStat(NamedTuple):
+    """What a storage that presigns uploads (S3) tells of one stored object."""
+
+    size: int
+    sha256: str | None  # hex, when the storage reports the object's checksum
+    tag: str | None  # the upload tag a presigned URL signed in (see `presign_put`)
 
 
 class SpecialStorage(ABC):

@@ -149,13 +149,9 @@ def traffic_lines(world: World) -> list[dict[str, str]]:
             for ln in world.traffic.read_text().splitlines()]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(REMOTES))
-async def test_indirect_upload_bypasses_the_proxy(world: World, name: str) -> None:
-    content = os.urandom(230 * KiB + 7)
-    key = make_key(content)
-    path = world.client / f"in-{name}.bin"
+async def client_upload(world: World, name: str, key: Key, content: bytes) -> str:
+    path = world.client / f"in-{name}-{key.name[:12]}.bin"
     path.write_bytes(content)
-    before = len(traffic_lines(world))
     said: list[str] = []
     async with trio.open_nursery() as nursery:
 
@@ -174,7 +170,15 @@ async def test_indirect_upload_bypasses_the_proxy(world: World, name: str) -> No
                 session, target, key, source, agreed=agreed, annexdir=annexdir
             )
         await session.aclose()
-    assert result == "stored"
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(REMOTES))
+async def test_indirect_upload_bypasses_the_proxy(world: World, name: str) -> None:
+    content = os.urandom(230 * KiB + 7)
+    key = make_key(content)
+    before = len(traffic_lines(world))
+    assert await client_upload(world, name, key, content) == "stored"
     chunk = REMOTES[name].get("chunk")
     size = chunks.parse_size(chunk) if chunk else None
     assert len(world.objects(name)) >= (chunks.chunk_count(len(content), size) if size else 1)
@@ -195,6 +199,21 @@ async def test_indirect_upload_bypasses_the_proxy(world: World, name: str) -> No
         capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     assert (world.direct / where).read_bytes() == content
+
+
+async def test_objects_of_a_key_without_size_go_through_the_proxy(world: World) -> None:
+    """No URL binds their length (the proxy refuses to presign them): the client sends
+    those objects with PUTOBJECT, which the proxy checks as they pass."""
+    content = os.urandom(100 * KiB)
+    key = Key.parse(f"SHA256E--{hashlib.sha256(content).hexdigest()}.bin")
+    before = len(traffic_lines(world))
+    assert await client_upload(world, "s3chunk", key, content) == "stored"
+    (line,) = traffic_lines(world)[before:]
+    assert int(line["client_in"]) > len(content) and int(line["storage_written"]) == len(content)
+    assert world.uuids["s3chunk"].encode() in (
+        world.proxy_branch_file(location_log_path(key)) or b"")  # fmt: skip
+    log = world.proxy_branch_file(chunks.chunk_log_path(key))
+    assert chunks.logged_chunkings(log, world.uuids["s3chunk"]) == [(64 * KiB, 2)]
 
 
 def presign(s: ShellSession, name: str, size: int, sha: str) -> p2p.Indirect:

@@ -50,6 +50,7 @@ from shell.specialstore import ObjectMissing, StorageError
 MiB = 1 << 20
 KEY_ID, SECRET = "AKIDANNEXPROXYTEST", "annexproxy/test+secret"
 UUID = "5ec1a100-0000-4000-8000-0000000000a1"
+TAG = "5eed" * 8  # an upload tag, as objectserve draws them
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,12 @@ def test_settings_as_git_annex_reads_them() -> None:
         "minio.example", "minio.example:9000", "/b/p/K")  # fmt: skip
     assert other.url("/b/p/K $") == "http://minio.example:9000/b/p/K%20%24"
     assert ("x-amz-storage-class", "STANDARD") in other.headers
+    # remote.log's x-amz-meta-* go on every PUT, but never the proxy's own upload tag
+    # (only a presigned URL sets it: objectserve's proof that it came through that URL).
+    meta = S3Config.from_fields({"bucket": "b", "x-amz-meta-owner": "me",
+                                 "x-amz-meta-annexproxy-upload": TAG})  # fmt: skip
+    assert [h for h in meta.headers if h[0].startswith("x-amz-meta-")] == [
+        ("x-amz-meta-owner", "me")]  # fmt: skip
     for bad in ({"bucket": "b", "host": "h"},  # v2 by default for a non-AWS host
                 {"bucket": "b", "signature": "v2"}, {"bucket": "b", "signature": "anonymous"},
                 {"bucket": "b", "versioning": "yes"}, {"bucket": "b", "exporttree": "yes"},
@@ -139,7 +146,7 @@ async def test_store_retrieve_present_remove(moto: MotoServer, creds_env: None) 
     assert await storage.present(key)
     assert await read_all(storage, key) == b"hello world"
     stat = await storage.stat(str(key))
-    assert stat == (11, hashlib.sha256(b"hello world").hexdigest())
+    assert stat == (11, hashlib.sha256(b"hello world").hexdigest(), None)  # no upload tag
     await storage.store(key, pieces(b""))  # replaces, atomically
     assert await read_all(storage, key) == b""
     await storage.remove(key)
@@ -147,6 +154,26 @@ async def test_store_retrieve_present_remove(moto: MotoServer, creds_env: None) 
     assert not await storage.present(key)
     assert await storage.stat(str(key)) is None
     assert moto.list_objects(bucket) == {}
+    await storage.aclose()
+
+
+async def test_no_request_names_an_object_with_a_dot_segment(
+    moto: MotoServer, creds_env: None
+) -> None:
+    bucket = new_bucket(moto, "dots")
+    storage = S3Storage.from_remote(UUID, s3_fields(moto, bucket), {})
+    key = Key.parse("URL--http://example.com/a/../../other/x")
+    for call in (storage.present(key), storage.remove(key), storage.stat(str(key)),
+                 storage.store(key, pieces(b"x")), read_all(storage, key)):  # fmt: skip
+        with pytest.raises(StorageError, match="path segment"):
+            await call
+    with pytest.raises(StorageError, match="path segment"):
+        storage.presign_put(str(key), 1, "0" * 64, 60, TAG)
+    assert moto.list_objects(bucket) == {}
+    # A name with dots that are no segment of their own is an ordinary object.
+    fine = Key.parse("URL--http://example.com/a..b/.x")
+    await storage.store(fine, pieces(b"x"))
+    assert await storage.present(fine)
     await storage.aclose()
 
 
@@ -162,7 +189,7 @@ async def test_large_stream_goes_multipart_in_bounded_pieces(
     assert await read_all(storage, key) == data
     assert pending_uploads(moto, bucket) == 0
     # A multipart object's checksum is not the content's: stat does not claim one.
-    assert await storage.stat(str(key)) in ((len(data), None),)
+    assert await storage.stat(str(key)) == (len(data), None, None)
 
 
 async def test_a_failing_stream_leaves_nothing(moto: MotoServer, creds_env: None) -> None:
@@ -355,27 +382,30 @@ async def test_presigned_put_and_stat(moto: MotoServer, creds_env: None) -> None
     storage = S3Storage.from_remote(UUID, s3_fields(moto, bucket, fileprefix="in/"), {})
     body = os.urandom(100_000)
     digest = hashlib.sha256(body).hexdigest()
-    url, headers = storage.presign_put("OBJ", len(body), digest, 600)
+    url, headers = storage.presign_put("OBJ", len(body), digest, 600, TAG)
     assert url.startswith(f"http://127.0.0.1:{moto.port}/{bucket}/in/OBJ?")
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert query["X-Amz-Expires"] == ["600"]
     assert query["X-Amz-SignedHeaders"] == [
         "content-length;host;if-none-match;x-amz-checksum-sha256;"
-        "x-amz-sdk-checksum-algorithm;x-amz-storage-class"
+        "x-amz-meta-annexproxy-upload;x-amz-sdk-checksum-algorithm;x-amz-storage-class"
     ]  # fmt: skip
+    assert headers["x-amz-meta-annexproxy-upload"] == TAG
     assert SECRET not in url and KEY_ID in url
     assert headers["Content-Length"] == str(len(body))
     assert base64.b64decode(headers["x-amz-checksum-sha256"]).hex() == digest
     assert await storage.stat("OBJ") is None
     assert put_url(url, headers, body)[0] == 200
-    assert await storage.stat("OBJ") == (len(body), digest)
+    assert await storage.stat("OBJ") == (len(body), digest, TAG)
     assert moto.get_object(bucket, "in/OBJ") == body
     # The URL is a conditional write: once the object exists (here: stored through it),
     # a second PUT through a still valid URL cannot overwrite it.
     assert put_url(url, headers, os.urandom(len(body)))[0] == 412
     assert moto.get_object(bucket, "in/OBJ") == body
     with pytest.raises(ValueError):
-        storage.presign_put("OBJ", 1, "not hex", 600)
+        storage.presign_put("OBJ", 1, "not hex", 600, TAG)
+    with pytest.raises(ValueError):
+        storage.presign_put("OBJ", 1, digest, 600, "short")
 
 
 @pytest.mark.parametrize("case", ["other body", "other size", "other checksum", "expired"])
@@ -391,7 +421,8 @@ async def test_what_moto_enforces_for_presigned_puts(
     storage = S3Storage.from_remote(UUID, s3_fields(moto, bucket), {})
     body = os.urandom(5000)
     digest = hashlib.sha256(body).hexdigest()
-    url, headers = storage.presign_put("OBJ", len(body), digest, 1 if case == "expired" else 600)
+    url, headers = storage.presign_put("OBJ", len(body), digest, 1 if case == "expired" else 600,
+                                       TAG)  # fmt: skip
     sent, send_headers = body, dict(headers)
     if case == "other body":
         sent = os.urandom(len(body))
@@ -406,7 +437,7 @@ async def test_what_moto_enforces_for_presigned_puts(
         await trio.sleep(2.5)
     status, _ = put_url(url, send_headers, sent)
     assert status == 200, "moto started enforcing this: update the docstring and the report"
-    size, reported = await storage.stat("OBJ") or (None, None)
+    size, reported, _ = await storage.stat("OBJ") or (None, None, None)
     assert size == len(sent)
     claimed = base64.b64decode(send_headers["x-amz-checksum-sha256"]).hex()
     assert reported == claimed  # what the client said, checked or not

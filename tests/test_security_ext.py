@@ -11,7 +11,8 @@ Rows (probe -> expected):
 - X1  READONLY: PUTOBJECT, RECORD, PUTINDIRECT, INDIRECTDONE -> the ERROR text of PUT;
       CHECKOBJECT and GETOBJECT served
 - X2  APPENDONLY: objects in, REMOVE, a failed INDIRECTDONE -> adding works, removal
-      denied; only the client's own bad upload (absent before) is removed
+      denied, nothing removed at all; with full write access only the client's own bad
+      upload (the one carrying the presign's upload tag) is removed
 - X3  INDIRECTDONE with a wrong claim for an object another writer stored after the
       presign -> FAILURE, the good object kept (any mode)
 - X4  GIT_ANNEX_SHELL_DIRECTORY -> extensions served for the allowed directory only
@@ -33,6 +34,12 @@ Rows (probe -> expected):
 - X14 presigned URL: one object, size and checksum signed, expiry bounded, configured
       endpoint -> no secret anywhere
 - X15 INDIRECTDONE for a name presigned in another session -> ERROR
+- X16 deletion through INDIRECTDONE: a presign whose checksum matches what another writer
+      then stores (its size does not) -> FAILURE, the object kept (a checksum is no proof
+      of authorship); an unencrypted object whose size its key does not bind (a key
+      without -s, or its chunks) -> no URL at all, and the plain PUT's chunks survive
+- X17 plain PUT/GET/CHECKPRESENT/REMOVE of a URL key with `.`/`..` segments on S3 ->
+      ERROR before any request names it (the extension's object-name rule)
 
 Known limits, by design (HACKING.md "P2P extensions"): the proxy cannot check encrypted
 objects' or chunks' content, and on a hybrid/pubkey remote it cannot compute the names a
@@ -81,6 +88,11 @@ def make_key(content: bytes, ext: str = ".bin") -> Key:
 
 def gpg_name(hexchar: str) -> str:
     return "GPGHMACSHA1--" + hexchar * 40
+
+
+def gpg_label(label: str) -> str:
+    """A well-formed object name of an encrypted remote, one per test label."""
+    return "GPGHMACSHA1--" + hashlib.sha1(label.encode(), usedforsecurity=False).hexdigest()
 
 
 def record(s: ShellSession, key: Key | str, chunk_size: int, names: list[str],
@@ -489,6 +501,7 @@ def test_x13_no_extensions_outside_special_remotes(dirworld: DirWorld, target: s
 S3_REMOTES = {
     "s3flat": {"encryption": "none"},
     "s3enc": {"encryption": "shared", "fileprefix": "pre/"},
+    "s3chunk": {"encryption": "none", "chunk": "64KiB"},
 }
 
 
@@ -518,6 +531,12 @@ class S3World:
 
     def get(self, name: str, obj: str) -> bytes:
         return self.server.get_object(name, S3_REMOTES[name].get("fileprefix", "") + obj)
+
+    def branch_file(self, path: str) -> bytes | None:
+        proc = subprocess.run(["git", "show", f"git-annex:{path}"], cwd=self.proxy,
+                              env=self.admin_env, capture_output=True, timeout=60,
+                              check=False)  # fmt: skip
+        return proc.stdout if proc.returncode == 0 else None
 
     def has(self, name: str, obj: str) -> bool:
         prefix = S3_REMOTES[name].get("fileprefix", "")
@@ -617,7 +636,7 @@ def test_x3_failed_indirectdone_never_deletes_another_writers_object(
 
 
 @pytest.mark.parametrize("mode", ["readwrite", "appendonly"])
-def test_x2_own_bad_upload_is_removed_as_it_was_not_there(
+def test_x2_own_bad_upload_is_removed_only_with_full_write_access(
     s3world: S3World, mode: str, tmp_path: Path
 ) -> None:
     env = {"GIT_ANNEX_SHELL_APPENDONLY": "1"} if mode == "appendonly" else {}
@@ -628,7 +647,55 @@ def test_x2_own_bad_upload_is_removed_as_it_was_not_there(
         assert s3world.has("s3enc", name)
         assert s.request(f"INDIRECTDONE {name}") == "FAILURE"
         in_step(s)
-    assert not s3world.has("s3enc", name)
+    # Append-only removes nothing at all, not even what it can prove it wrote itself.
+    assert s3world.has("s3enc", name) == (mode == "appendonly")
+
+
+@pytest.mark.parametrize("mode", ["readwrite", "appendonly"])
+def test_x16_a_matching_checksum_is_no_proof_of_authorship(s3world: S3World, mode: str) -> None:
+    env = {"GIT_ANNEX_SHELL_APPENDONLY": "1"} if mode == "appendonly" else {}
+    name = gpg_label(f"x16-{mode}")
+    good = os.urandom(500)
+    with s3world.session("s3enc", **env) as attacker:
+        # The checksum of what another writer will store, with a size that will not match:
+        # the proxy's own PUT of that object carries the same checksum.
+        presign(attacker, name, 7, sha(good))
+        with s3world.session("s3enc") as victim:
+            assert put_object(victim, name, good) == "SUCCESS"
+        assert attacker.request(f"INDIRECTDONE {name}") == "FAILURE"
+    assert s3world.get("s3enc", name) == good
+
+
+def test_x16_no_presign_for_a_key_without_size(s3world: S3World) -> None:
+    """The issue's case: a sizeless key's chunk, presigned at any size with the checksum of
+    the real chunk; another client then stores the key with a plain PUT."""
+    content = os.urandom(CHUNK + 100)
+    key = Key.parse(f"SHA256E--{sha(content)}.bin")
+    first, _ = chunks.chunk_keys(key, CHUNK, 2)
+    with s3world.session("s3chunk", GIT_ANNEX_SHELL_APPENDONLY="1") as attacker:
+        answer = attacker.request(f"PUTINDIRECT {first} 1 {sha(content[:CHUNK])}")
+        with s3world.shell("s3chunk") as victim:
+            victim.handshake()
+            assert victim.request(f"PUT victim.bin {key}") == "PUT-FROM 0"
+            victim.send_data(content)
+            assert victim.request("VALID") == "SUCCESS"
+            assert victim.finish().code == 0
+        if answer.startswith("INDIRECT "):
+            attacker.request(f"INDIRECTDONE {first}")
+        in_step(attacker)
+        # The whole key has no size either: nothing binds a URL's length.
+        other = Key.parse(f"SHA256E--{sha(b'other')}.bin")
+        whole = attacker.request(f"PUTINDIRECT {other} 5 {sha(b'other')}")
+    assert s3world.has("s3chunk", str(first))
+    log = s3world.branch_file(location_log_path(key)) or b""
+    assert s3world.uuids["s3chunk"].encode() in log
+    with s3world.shell("s3chunk") as reader:
+        reader.handshake()
+        assert reader.request(f"GET 0 victim.bin {key}") == f"DATA {len(content)}"
+        assert reader.read_exact(len(content)) == content and reader.readline() == "VALID"
+        reader.send("SUCCESS")
+        in_step(reader)
+    assert answer == "FAILURE" and whole == "FAILURE"
 
 
 # X5 (indirect) ---------------------------------------------------------------------------------
@@ -641,6 +708,35 @@ def test_x5_traversal_never_reaches_a_url(s3world: S3World) -> None:
                 continue
             assert s.request(f"PUTINDIRECT {name} 1 {sha(b'x')}") == "ERROR bad object name"
         in_step(s)
+
+
+DOT_KEYS = ["URL--http://example.com/a/../../../s3enc/x", "URL--http://example.com/./x",
+            "URL-s5--http://h/../x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("remote", ["s3flat", "s3chunk"])
+def test_x17_dot_segments_never_reach_s3_on_the_plain_path(s3world: S3World, remote: str) -> None:
+    """One object-name rule for every path: the plain PUT, GET, CHECKPRESENT and REMOVE of
+    a key with a `.` or `..` segment are refused as the extension's requests are, before
+    any request names it to S3 (a URL path an HTTP library or a proxy in front of the
+    storage could resolve into another object or bucket)."""
+    before = {b: set(s3world.server.list_objects(b)) for b in S3_REMOTES}
+    with s3world.shell(remote) as s:
+        s.handshake()
+        for key in DOT_KEYS:
+            answer = s.request(f"PUT x {key}")
+            if answer == "PUT-FROM 0":
+                s.send_data(b"hello")
+                answer = s.request("VALID")
+            assert answer.startswith("ERROR") and "segment" in answer, answer
+            assert s.request(f"CHECKPRESENT {key}").startswith("ERROR")
+            assert s.request(f"GET 0 x {key}").startswith("ERROR")
+            assert s.request(f"REMOVE {key}").startswith("ERROR")
+        in_step(s)
+        assert s.finish().code == 0
+    assert {b: set(s3world.server.list_objects(b)) for b in S3_REMOTES} == before
+    for key in DOT_KEYS:
+        assert s3world.branch_file(location_log_path(Key.parse(key))) is None
 
 
 # X9 (indirect) ---------------------------------------------------------------------------------
