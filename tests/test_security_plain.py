@@ -1088,6 +1088,130 @@ def test_row_10_uuid_against_an_uninitialised_repository(server: Server) -> None
     assert_unchanged(before, snapshot(server.root))
 
 
+# -- row 10, continued: --uuid and the nodes of a proxy under DIRECTORY ------------------
+
+
+@dataclass(frozen=True)
+class ProxyNodes:
+    uuids: dict[str, str]  # node name -> UUID; node1 holds HELLO
+    cluster: str  # the UUID of a cluster of both nodes, repo.git its gateway
+    special: str  # a directory special remote the proxy serves itself
+
+
+@pytest.fixture
+def proxy_nodes(server: Server) -> ProxyNodes:
+    """repo.git proxies for two local nodes (node1 by absolute path, node2 by a path relative
+    to the repository, `../node2.git`), is the gateway of a cluster of both, and proxies for
+    a directory special remote; laid out by the admin with the real git-annex."""
+    env = _admin_env(server.home, server.annex_bin)
+    uuids = {}
+    for name, url in (("node1", str(server.home / "node1.git")), ("node2", "../node2.git")):
+        path = server.home / f"{name}.git"
+        subprocess.run(["git", "init", "-q", "--bare", str(path)], env=env, check=True)
+        subprocess.run(["git", "annex", "init", "-q", name], cwd=path, env=env, check=True)
+        uuids[name] = subprocess.run(
+            ["git", "config", "annex.uuid"], cwd=path, env=env, check=True,
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        server.admin("git", "remote", "add", name, url)
+    seed = server.root / "seed"
+    seed.write_bytes(HELLO)
+    subprocess.run(
+        ["git", "annex", "setkey", K_HELLO, str(seed)], cwd=server.home / "node1.git", env=env,
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server.admin("git", "annex", "sync", "-q", "--no-content", "node1", "node2")
+    (server.root / "dirsr").mkdir()
+    server.admin("git", "annex", "initremote", "-q", "sr", "type=directory",
+                 f"directory={server.root / 'dirsr'}", "encryption=none")  # fmt: skip
+    server.admin("git", "annex", "initcluster", "-q", "mycluster")
+    for name in ("node1", "node2", "sr"):
+        if name != "sr":
+            server.set_config(f"remote.{name}.annex-cluster-node", "mycluster")
+        server.set_config(f"remote.{name}.annex-proxy", "true")
+    server.admin("git", "annex", "updatecluster")
+    server.admin("git", "annex", "updateproxy")
+    return ProxyNodes(
+        uuids=uuids,
+        cluster=server.admin("git", "config", "annex.cluster.mycluster").strip(),
+        special=server.admin("git", "config", "remote.sr.annex-uuid").strip(),
+    )
+
+
+def _p2p_once(
+    server: Server, shell: Path, uuid: str, requests: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    argv = p2pstdio_argv(shell, server.repo, CLIENT_UUID, uuid=uuid, form="single")
+    return run_shell(argv, env=server.env(env), cwd=server.home, input=requests.encode())
+
+
+@pytest.mark.parametrize("link", ["noderpc", "p2p"])
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_row_10_uuid_of_a_local_node_outside_directory_byte_for_byte(
+    server: Server, proxy_nodes: ProxyNodes, real_bin: Path, node: str, link: str
+) -> None:
+    """With DIRECTORY = the proxy, `--uuid NODE` used to reach the node: restriction
+    variables are dropped on node hops. git-annex's proxy starts the local node's
+    git-annex-shell with DIRECTORY inherited, which refuses it; the real binary is the
+    oracle, byte for byte on stdout and stderr, and the exit status (node2's URL is
+    relative: it names ~/node2.git, as git-annex reads it, not a path under our cwd)."""
+    if link == "p2p":
+        server.set_config(f"remote.{node}.annexproxy-link", "p2p")
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo), "PATH": f"{real_bin}:/usr/bin:/bin"}
+    uuid = proxy_nodes.uuids[node]
+    before = snapshot(server.root)
+    ours = _p2p_once(server, server.shell, uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env)
+    real = _p2p_once(
+        server, real_bin / "git-annex-shell", uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env
+    )
+    expected = (
+        1,
+        f"AUTH-SUCCESS {uuid}\n",
+        f"git-annex-shell: Only allowed to access ~/repo.git not ~/{node}.git\n\n"
+        "git-annex: Unable to connect to remote.\np2pstdio: 1 failed\n",
+    )
+    assert (real.returncode, real.stdout, real.stderr) == expected
+    assert (ours.returncode, ours.stdout, ours.stderr) == expected
+    assert_unchanged(before, snapshot(server.root), allow=only_dirs(before, snapshot(server.root)))
+
+
+def test_row_10_nodes_reached_without_directory_and_with_the_opt_in(
+    server: Server, proxy_nodes: ProxyNodes
+) -> None:
+    """Without DIRECTORY both nodes answer (node2 by its relative URL); with
+    ANNEXPROXY_DIRECTORY_NODES=1 beside DIRECTORY (annexproxy only) the key may reach the
+    nodes its proxy is configured for."""
+    for env in ({}, {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo),
+                     "ANNEXPROXY_DIRECTORY_NODES": "1"}):  # fmt: skip
+        for node, answer in (("node1", "SUCCESS"), ("node2", "FAILURE")):
+            uuid = proxy_nodes.uuids[node]
+            proc = _p2p_once(
+                server, server.shell, uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env
+            )
+            assert (proc.returncode, proc.stderr) == (0, ""), (env, node, proc)
+            assert proc.stdout.endswith(f"\n{answer}\n"), (env, node, proc.stdout)
+
+
+def test_row_10_cluster_and_special_remote_under_directory(
+    server: Server, proxy_nodes: ProxyNodes, real_bin: Path
+) -> None:
+    """Through the cluster, nodes outside DIRECTORY are not reached either: git-annex ends
+    the session when it needs one, our gateway counts the node as unavailable (its rule for
+    any node that cannot be reached) and says why. A special remote is served in the
+    proxy's own process by both, so DIRECTORY (the proxy) allows it."""
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo), "PATH": f"{real_bin}:/usr/bin:/bin"}
+    requests = f"VERSION 2\nCHECKPRESENT {K_HELLO}\n"
+    for shell in (server.shell, real_bin / "git-annex-shell"):
+        proc = _p2p_once(server, shell, proxy_nodes.cluster, requests, env)
+        assert "SUCCESS" not in proc.stdout.splitlines(), (shell, proc)
+        assert "Only allowed to access ~/repo.git not ~/node1.git" in proc.stderr, proc.stderr
+        special = _p2p_once(server, shell, proxy_nodes.special, requests, env)
+        assert (special.returncode, special.stdout.splitlines()[-1]) == (0, "FAILURE"), special
+        assert "Only allowed" not in special.stderr, special
+    ours = _p2p_once(server, server.shell, proxy_nodes.cluster, requests, env)
+    assert (ours.returncode, ours.stdout.splitlines()[-1]) == (0, "FAILURE"), ours
+
+
 # == row 11: fields ==========================================================================
 
 
