@@ -10,6 +10,8 @@ Figures, each timed as a whole process from spawn to exit, both shells interleav
 run so that machine drift affects both alike:
 
     configlist   git-annex-shell -c "git-annex-shell 'configlist' '<bare repo>'" (as from sshd)
+    uploadpack   git-annex-shell -c "git-upload-pack '<bare repo>'" with GIT_ANNEX_SHELL_DIRECTORY
+                 set to it (the git pass-through as a restricted key runs it), a flush on stdin
     argerror     git-annex-shell with no arguments (usage error, exit 1)
     p2pstdio     git-annex-shell p2pstdio <repo> <uuid>: read AUTH-SUCCESS, send VERSION 4,
                  read VERSION 4, close stdin, wait for exit
@@ -401,6 +403,20 @@ def run_all(
             raise BenchError(f"exit {code}")
         return seconds
 
+    uploadpack_cmd = f"git-upload-pack '{repo}'"
+    restricted = {**env, "GIT_ANNEX_SHELL_DIRECTORY": str(repo)}
+
+    def uploadpack(shell: str) -> float:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [shell, "-c", uploadpack_cmd], env=restricted, cwd=cwd, input=b"0000",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise BenchError(f"exit {proc.returncode}")
+        return seconds
+
     def argerror(shell: str) -> float:
         seconds, code = timed([shell], env, cwd)
         if code != 1:
@@ -426,11 +442,18 @@ def run_all(
         code, out, err = checked_output([shell], env, cwd)
         if code != 1 or not err.startswith("git-annex-shell: bad parameters"):
             errors["argerror"] = f"exit {code}, stderr {err[:80]!r}"
+        proc = subprocess.run(
+            [shell, "-c", uploadpack_cmd], env=restricted, cwd=cwd, input=b"0000",
+            capture_output=True, check=False, timeout=P2P_TIMEOUT,
+        )  # fmt: skip
+        if proc.returncode != 0 or b"refs/heads/git-annex" not in proc.stdout:
+            errors["uploadpack"] = f"exit {proc.returncode}, stderr {proc.stderr[-200:]!r}"
         return errors
 
     plan: list[tuple[str, Callable[[str], float], list[str]]] = [
         ("configlist", configlist, ["ours", "real"]),
         ("argerror", argerror, ["ours", "real"]),
+        ("uploadpack", uploadpack, ["ours", "real"]),
         ("p2pstdio", p2pstdio, ["ours", "real"]),
         ("floor", floor, ["ours"]),
     ]
@@ -469,12 +492,13 @@ def run_all(
         if strict and median_ms >= TARGET_MS:
             failed = True
 
-    for label, args in (
-        ("configlist", ["-c", configlist_cmd]),
-        ("argerror", []),
+    for label, args, label_env in (
+        ("configlist", ["-c", configlist_cmd], env),
+        ("argerror", [], env),
+        ("uploadpack", ["-c", uploadpack_cmd], restricted),
     ):
         try:
-            imports = check_imports(ours, args, env, cwd)
+            imports = check_imports(ours, args, label_env, cwd)
         except BenchError as exc:
             print(f"imports ({label}): could not check: {exc}")
             failed = True

@@ -27,7 +27,9 @@ from git_remote_annexproxy import p2p, p2prequests
 from git_remote_annexproxy.gitconfig import GitConfig
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2prequests import P2PRequester
-from shell.proxyselect import Remote, local_path
+from shell import restrict
+from shell.errors import ShellError
+from shell.proxyselect import Remote, is_local_url, local_path
 
 MAX_VERSION = p2prequests.MAX_VERSION  # the highest P2P version a node link speaks
 
@@ -41,9 +43,21 @@ _SCRUBBED = (
     "SSH_ORIGINAL_COMMAND",
 )
 
+# annexproxy only: set beside GIT_ANNEX_SHELL_DIRECTORY (in the same forced command), it lets
+# that key reach the local nodes the proxy or gateway in that directory is configured for.
+DIRECTORY_NODES_ENV = "ANNEXPROXY_DIRECTORY_NODES"
+
 
 class NodeError(Exception):
     """A node failed (unreachable, died, timed out, or broke the protocol)."""
+
+
+class NodeOutsideDirectory(NodeError):
+    """A local node that GIT_ANNEX_SHELL_DIRECTORY does not allow; it was never started."""
+
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.text = text
 
 
 class NodeRefused(NodeError):
@@ -182,9 +196,30 @@ def ssh_argv(remote: Remote, words: list[str]) -> list[str]:
     return [*argv, "-T", command]
 
 
+def check_node_directory(remote: Remote) -> None:
+    """GIT_ANNEX_SHELL_DIRECTORY applies to a node in a local directory as to any directory.
+
+    git-annex starts a local node's git-annex-shell with the variable inherited, and that
+    refuses every directory but the allowed one. We drop restrictions on node hops
+    (`child_env`: the proxy enforces them), so the same rule is applied here, before the node
+    starts, unless DIRECTORY_NODES_ENV says the key may reach the nodes. A node over ssh is
+    its host's matter (sshd passes no such variable) and a special remote is served in the
+    proxy's own process, as in git-annex.
+    """
+    if remote.special is not None or not is_local_url(remote.url):
+        return
+    if os.environ.get(DIRECTORY_NODES_ENV):
+        return
+    try:
+        restrict.check_directory(local_path(remote.url))
+    except ShellError as exc:
+        raise NodeOutsideDirectory(remote.name, exc.message) from None
+
+
 async def spawn_node(remote: Remote, argv: list[str]) -> trio.Process:
     """Start a node's server process (`p2pstdio` or `noderpc`, local or over ssh) with pipes
     on stdin and stdout; stderr stays ours, so the node's own messages reach the client."""
+    check_node_directory(remote)
     try:
         return await trio.lowlevel.open_process(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env()

@@ -15,8 +15,16 @@ from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import P2PChannel, restore_stdio, stdio_channel
 from shell import gitconnect, objectserve
 from shell.front import FrontSession
-from shell.nodelink import AlreadyHave, NodeError, NodeRefused, Outcome, Upload, make_link
-from shell.p2pserver import SessionEnd, idle_timeout, run_session
+from shell.nodelink import (
+    AlreadyHave,
+    NodeError,
+    NodeOutsideDirectory,
+    NodeRefused,
+    Outcome,
+    Upload,
+    make_link,
+)
+from shell.p2pserver import SessionEnd, idle_timeout, run_session, warn
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
 from shell.speciallink import SpecialLink
@@ -36,6 +44,13 @@ class ProxySession(FrontSession):
         try:
             with trio.fail_after(self.timeout):
                 await self.link.open(version)
+        except NodeOutsideDirectory as exc:
+            # git-annex's bytes: its node's git-annex-shell refuses, then the proxy gives up.
+            warn(
+                f"git-annex-shell: {exc.text}\n\n"
+                "git-annex: Unable to connect to remote.\np2pstdio: 1 failed"
+            )
+            raise SessionEnd(1) from None
         except (NodeError, trio.TooSlowError) as exc:
             raise SessionEnd(1, f"Unable to connect to remote. ({exc})") from None
         if version is not None:

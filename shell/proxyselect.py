@@ -9,6 +9,7 @@ nodes, and other gateways' proxy.log entries let us reach repositories behind th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +80,17 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def absolute_url(url: str, base: str) -> str:
+    """A local path remote's URL as git-annex reads it: `~` expanded, a relative path taken
+    from the repository's top directory `base` (not from our cwd or HOME) with `..` by name,
+    as git-annex shows it; other URLs unchanged."""
+    if not is_local_url(url) or url.startswith(("file://", "/")):
+        return url
+    if url.startswith("~"):
+        return os.path.expanduser(url)
+    return os.path.normpath(os.path.join(base, url))
+
+
 def _cost(config: GitConfig, name: str, url: str) -> float:
     value = config.get(f"remote.{name}.annex-cost")
     if value:
@@ -89,13 +101,17 @@ def _cost(config: GitConfig, name: str, url: str) -> float:
     return CHEAP_COST if is_local_url(url) else EXPENSIVE_COST
 
 
-def configured_remotes(config: GitConfig) -> list[Remote]:
+def configured_remotes(config: GitConfig, base: str | None = None) -> list[Remote]:
+    """The git remotes with an annex-uuid; `base` is the repository's top directory, which
+    a relative path URL is relative to."""
     remotes = []
     for name in config.subsections("remote"):
         url = config.get(f"remote.{name}.url")
         uuid = config.get(f"remote.{name}.annex-uuid")
         if not url or not uuid or config.get_bool(f"remote.{name}.annex-ignore"):
             continue
+        if base is not None:
+            url = absolute_url(url, base)
         prefix = f"remote.{name}.annex-"
         conf = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
         remotes.append(Remote(name, uuid, url, _cost(config, name, url), conf))
@@ -173,12 +189,17 @@ class Selection:
     @classmethod
     def load(cls, repo: Repo) -> Selection:
         return cls.from_sources(
-            repo.config, repo.uuid or "", AnnexBranch(repo.gitdir, repo.annexdir)
+            repo.config,
+            repo.uuid or "",
+            AnnexBranch(repo.gitdir, repo.annexdir),
+            base=repo.path_str,
         )
 
     @classmethod
-    def from_sources(cls, config: GitConfig, own_uuid: str, branch: BranchReader) -> Selection:
-        configured = configured_remotes(config)
+    def from_sources(
+        cls, config: GitConfig, own_uuid: str, branch: BranchReader, base: str | None = None
+    ) -> Selection:
+        configured = configured_remotes(config, base)
         proxy_log = parse_proxy_log(branch.read("proxy.log") or b"")
         remotes = configured + instantiated_remotes(configured, proxy_log)
         remotes += special_remotes(config, parse_remote_log(branch.read("remote.log") or b""))

@@ -1,19 +1,20 @@
 """Finding and opening the repository a command names, without searching upwards.
 
 DIR comes from the client (the path part of its remote URL), so it is resolved exactly as
-git-annex does (`/~/` and `~user/` prefixes, relative to HOME) and then opened as that
-directory only: a bare repository, or a work tree with `.git` directly inside. No parent
-directory is ever considered (CVE-2022-24765), and a repository owned by another user is
-refused as git refuses it, unless `safe.directory` allows it.
+git-annex does (`/~/` and `~user/` prefixes, relative to HOME; shell/dirpath.py, the path
+GIT_ANNEX_SHELL_DIRECTORY was checked against) and then opened as that directory only: a
+bare repository, or a work tree with `.git` directly inside. No parent directory is ever
+considered (CVE-2022-24765), and a repository owned by another user is refused as git
+refuses it, unless `safe.directory` allows it.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import stat
 
 from git_remote_annexproxy.gitconfig import ConfigError, GitConfig, global_config_paths
+from shell.dirpath import directory_path
 from shell.errors import ShellError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -56,25 +57,6 @@ class Repo:
     @property
     def uuid(self) -> str | None:
         return self.config.get("annex.uuid") or None
-
-
-def resolve_dir(directory: str, home: str | None = None) -> str:
-    """Turn the DIR a client sent into an absolute path (annex-shell.md §1)."""
-    if home is None:
-        home = os.environ.get("HOME", "/")
-    if directory.startswith("/~/") or directory == "/~":
-        return os.path.join(home, directory[3:])
-    if directory.startswith(("/~", "~")):
-        rest = directory[2:] if directory.startswith("/~") else directory[1:]
-        user, _, tail = rest.partition("/")
-        if not user:
-            return os.path.join(home, tail)
-        try:
-            user_home = pwd.getpwnam(user).pw_dir
-        except KeyError:
-            raise ShellError(f"unknown user in directory {directory}") from None
-        return os.path.join(user_home, tail)
-    return os.path.join(home, directory)  # an absolute directory replaces home here
 
 
 def _not_a_repo(path: str) -> ShellError:
@@ -133,7 +115,7 @@ def _check_ownership(path: str, config: GitConfig) -> None:
 
 def open_repo(directory: str) -> Repo:
     """Open the repository DIR names, or raise the error git-annex gives."""
-    path = os.path.normpath(resolve_dir(directory))
+    path = directory_path(directory)
     try:
         st = os.stat(path)
     except OSError:

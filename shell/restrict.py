@@ -11,6 +11,7 @@ import os
 import posixpath
 from collections.abc import Mapping
 
+from shell import dirpath
 from shell.errors import ShellError
 
 READONLY = "GIT_ANNEX_SHELL_READONLY"
@@ -71,32 +72,48 @@ def _canonical(home: str, path: str) -> str:
         return path
     if path.startswith("/~/"):
         return path[1:]
-    absolute = posixpath.normpath(posixpath.join(home, path))
-    if absolute.startswith("//"):
-        # POSIX lets normpath keep a leading `//`; on Linux it is `/`, as git-annex sees it.
-        absolute = "/" + absolute.lstrip("/")
+    absolute = dirpath.normalize(posixpath.join(home, path))
     home_norm = posixpath.normpath(home) if home else ""
     if home_norm and home_norm != "/":
         if absolute == home_norm:
-            return "~"
+            return "~/"
         if absolute.startswith(home_norm + "/"):
             return "~/" + absolute[len(home_norm) + 1 :]
     return absolute
 
 
-def check_directory(directory: str | None, env: Mapping[str, str] = os.environ) -> None:
-    """Enforce GIT_ANNEX_SHELL_DIRECTORY against the directory a command names."""
+def check_directory(directory: str | None, env: Mapping[str, str] = os.environ) -> str | None:
+    """Enforce GIT_ANNEX_SHELL_DIRECTORY against the directory a command names.
+
+    Returns the absolute path that may be opened (shell/dirpath.py), or None when the
+    variable is absent. Unlike the other three, an empty value is set: git-annex then allows
+    only HOME, and so do we.
+
+    First git-annex's own comparison, with its messages. Then two checks it lacks: the path
+    we open must be the one the allowed directory names (`~` alone, `~user/...` and `/~` are
+    compared by name above but resolved differently), and no `..` may climb out of a
+    symlink: in a non-bare DIRECTORY a client can push `evil -> /srv/other/.git`, and
+    `/srv/wt/evil/..` is `/srv/wt` by name but `/srv/other` to the kernel.
+    """
     allowed = env.get(DIRECTORY)
-    if not allowed:
-        return
+    if allowed is None:
+        return None
+    home = env.get("HOME", "")
     if directory is None:
         raise ShellError(
             f"Only allowed to access {allowed} and could not determine directory from command line"
         )
-    if allowed == directory:
-        return
-    home = env.get("HOME", "")
     canon_allowed = _canonical(home, allowed)
-    canon_dir = _canonical(home, directory)
-    if canon_allowed.rstrip("/") != canon_dir.rstrip("/"):
-        raise ShellError(f"Only allowed to access {canon_allowed} not {canon_dir}")
+    if allowed != directory:
+        canon_dir = _canonical(home, directory)
+        if canon_allowed.rstrip("/") != canon_dir.rstrip("/"):
+            raise ShellError(f"Only allowed to access {canon_allowed} not {canon_dir}")
+    path = dirpath.directory_path(directory, home or "/")
+    if path != dirpath.directory_path(allowed, home or "/"):
+        raise ShellError(f"Only allowed to access {canon_allowed} not {directory}")
+    if dirpath.leaves_through_symlink(directory, home or "/"):
+        raise ShellError(
+            f"Only allowed to access {canon_allowed} not {directory}"
+            " (a symlink before its `..` leads elsewhere)"
+        )
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import shell_error
 
-from shell import cli, restrict
+from shell import cli, passthrough, restrict
 from shell.errors import ShellError
 
 
@@ -355,3 +355,87 @@ def test_bad_parameters_is_laid_out_as_git_annex_shells(
         return err.split(b"\n")[:3], len(err) - len(err.rstrip(b"\n"))
 
     assert frame(ours.stderr) == frame(real.stderr), (ours.stderr, real.stderr)
+def test_empty_directory_is_set_as_in_git_annex() -> None:
+    """Unlike the other three variables, an empty DIRECTORY restricts (to HOME)."""
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": "", "HOME": "/home/u"}
+    with pytest.raises(ShellError) as info:
+        restrict.check_directory("/srv/r.git", env)
+    assert info.value.message.startswith("Only allowed to access ~/ not /srv/r.git")
+    assert restrict.check_directory("/~/", env) == "/home/u"
+    assert restrict.check_directory("/srv/r.git", {"HOME": "/home/u"}) is None
+
+
+@pytest.mark.parametrize(
+    ("allowed", "given"),
+    [("/srv/r.git", "/srv/r.git"), ("/srv/r.git", "/srv/x/../r.git/"), ("~/r.git", "r.git"),
+     ("r.git", "/~/r.git"), ("/srv/r.git/", "//srv/./r.git"), ("~/r.git", "~/r.git")],
+)  # fmt: skip
+def test_directory_returns_the_path_to_open(allowed: str, given: str) -> None:
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": allowed, "HOME": "/home/u"}
+    want = "/home/u/r.git" if "~" in allowed or "/" not in allowed else "/srv/r.git"
+    assert restrict.check_directory(given, env) == want
+
+
+def test_directory_names_equal_but_resolved_apart_is_refused() -> None:
+    """`~bob/x` and `HOME/~bob/x` are one name to git-annex's comparison, two places to
+    open; and `~` alone is HOME to open but `HOME/~` to compare."""
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": "/home/u/~root/x", "HOME": "/home/u"}
+    with pytest.raises(ShellError, match=r"^Only allowed to access ~/~root/x not ~root/x$"):
+        restrict.check_directory("~root/x", env)
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": "/home/u/~", "HOME": "/home/u"}
+    with pytest.raises(ShellError, match=r"^Only allowed to access ~/~ not ~$"):
+        restrict.check_directory("~", env)
+
+
+def test_directory_dotdot_after_a_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "wt" / "evil").symlink_to(tmp_path / "other" / "sub")
+    (tmp_path / "wt" / "plain").mkdir()
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(tmp_path / "wt"), "HOME": str(tmp_path)}
+    with pytest.raises(ShellError) as info:
+        restrict.check_directory(f"{tmp_path}/wt/evil/..", env)
+    assert info.value.message.startswith(f"Only allowed to access ~/wt not {tmp_path}/wt/evil/..")
+    for spelling in ("wt/evil/..", "/~/wt/evil/..", "~/wt/evil/../"):
+        with pytest.raises(ShellError):
+            restrict.check_directory(spelling, env)
+    # Where `..` lands where its name says, it is fine: after a real directory, after a
+    # symlink that comes back, or after the admin's own symlinked DIRECTORY.
+    assert restrict.check_directory("wt/evil/../../wt", env) == f"{tmp_path}/wt"
+    assert restrict.check_directory("wt/plain/..", env) == f"{tmp_path}/wt"
+    (tmp_path / "link").symlink_to(tmp_path / "wt")
+    env["GIT_ANNEX_SHELL_DIRECTORY"] = str(tmp_path / "link")
+    assert restrict.check_directory("link/plain/..", env) == f"{tmp_path}/link"
+
+
+@pytest.mark.parametrize(
+    ("command", "parsed"),
+    [
+        ("git-upload-pack '/srv/r.git'", ("git-upload-pack", "/srv/r.git")),
+        ("git upload-pack '/srv/r.git'", ("git-upload-pack", "/srv/r.git")),
+        ("git\tupload-pack '/srv/r.git'", ("git-upload-pack", "/srv/r.git")),
+        ("git-receive-pack '/a'\\''b'\\!'c'", ("git-receive-pack", "/a'b!c")),
+        ("git-upload-archive '/r'", ("git-upload-archive", "/r")),
+        ("git-upload-pack", ("git-upload-pack", None)),
+        ("git-upload-pack /srv/r.git", ("git-upload-pack", None)),
+        ("git-upload-pack '/srv/r.git' '/x'", ("git-upload-pack", None)),
+        ("git-upload-pack '/srv/r.git", ("git-upload-pack", None)),
+        ("git-upload-pack '-x'", ("git-upload-pack", None)),
+        ("git-upload-pack '/a'\\x'b'", ("git-upload-pack", None)),
+        ("git-upload-pack  '/r'", ("git-upload-pack", None)),
+        ("git-upload-packx '/r'", None),
+        ("git\vupload-pack '/r'", None),  # not a space to git
+        ("cvs server", None),
+        ("ls '/r'", None),
+    ],
+)
+def test_git_request_reads_as_git_shell(
+    command: str, parsed: tuple[str, str | None] | None
+) -> None:
+    assert passthrough.git_request(command) == parsed
+
+
+@pytest.mark.parametrize("word", ["/srv/r.git", "", "it's", "!", "a'!'b", "'", "\\'", "x y"])
+def test_sq_quote_round_trip(word: str) -> None:
+    quoted = passthrough.sq_quote(word)
+    assert passthrough.sq_dequote(quoted) == word

@@ -529,3 +529,19 @@ def test_cluster_nodes_must_be_in_cluster_log_and_alive() -> None:
     trust = f"{N1} X timestamp=1795562700s\n"
     sel = selection(GW1_CONFIG, GW_PROXY_LOG, cluster_log=GW_CLUSTER_LOG, trust_log=trust)
     assert [n.name for n in sel.select(CU).nodes] == ["node2", "gw2-mycluster"]
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [("../node1.git", "/srv/node1.git"), ("sub/n.git", "/srv/gw.git/sub/n.git"),
+     ("/abs/n.git", "/abs/n.git"), ("file:///abs/n.git", "file:///abs/n.git"),
+     ("localhost:n.git", "localhost:n.git"), ("ssh://h/~/n.git", "ssh://h/~/n.git")],
+)  # fmt: skip
+def test_relative_node_url_is_relative_to_the_repository(url: str, want: str) -> None:
+    """A local path remote's relative URL names a path from the proxy repository, as git
+    and git-annex read it, not from our cwd or HOME (where the node would be another)."""
+    config = PROXY_CONFIG.replace("url = /srv/node1.git", f"url = {url}")
+    branch = Branch({"uuid.log": UUID_LOG, "proxy.log": PROXY_LOG})
+    sel = Selection.from_sources(GitConfig(parse_config(config)), GW1, branch, base="/srv/gw.git")
+    [node] = sel.select(N1).nodes
+    assert node.url == want

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shell import cli, passthrough, restrict
+from shell import cli, nodelink, passthrough, restrict
 
 MAN = Path(__file__).resolve().parent.parent / "man"
 PAGES = sorted(MAN.glob("*.1"))
@@ -91,7 +91,7 @@ def test_environment_variables_and_messages(shell_page: dict[str, list[str]]) ->
     env = shell_page["ENVIRONMENT"]
     tags = set(_tagged(env))
     for name in (restrict.READONLY, restrict.APPENDONLY, restrict.LIMITED, restrict.DIRECTORY,
-                 passthrough.ALLOW_ARCHIVE_ENV):  # fmt: skip
+                 passthrough.ALLOW_ARCHIVE_ENV, nodelink.DIRECTORY_NODES_ENV):  # fmt: skip
         assert name in tags
     text = re.sub(r"\s+", " ", " ".join(_plain(line) for line in env))
     for message in (

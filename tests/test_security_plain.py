@@ -36,20 +36,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SshEnvFactory, shell_error
+from conftest import SshEnv, SshEnvFactory, shell_error
 from p2pdriver import (
     CLIENT_UUID,
     Form,
     ShellSession,
     blake2b256e_key,
     p2pstdio_argv,
+    quote,
     run_shell,
     sha256e_key,
     shell_argv,
 )
+from test_e2e_proxy import real_git_annex_binary
 
 from git_remote_annexproxy.keys import Key
 from shell import cli
+from shell.passthrough import sq_dequote, sq_quote
 from shell.restrict import APPENDONLY_DENIED, READONLY_DENIED
 
 FORMS: tuple[Form, ...] = ("multi", "single")
@@ -106,6 +109,18 @@ def template(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path) -> Templ
         admin("git", "annex", "setkey", key, str(src))
     uuid = admin("git", "config", "annex.uuid").strip()
     return Template(home, repo, uuid)
+
+
+@pytest.fixture(scope="session")
+def real_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory whose git-annex and git-annex-shell are git-annex's own binary (the
+    oracle; it picks its personality from argv[0], and its proxy finds the
+    git-annex-shell for its local nodes on PATH)."""
+    binary = real_git_annex_binary()
+    bindir = tmp_path_factory.mktemp("realbin")
+    for name in ("git-annex", "git-annex-shell"):
+        (bindir / name).symlink_to(binary)
+    return bindir
 
 
 def _admin_env(home: Path, annex_bin: Path) -> dict[str, str]:
@@ -573,7 +588,7 @@ def test_row_05_interactive_login_is_refused(server: Server, argv: list[str]) ->
         ("/~root/repo.git", "/~root/repo.git"),
         ("other.git", "~/other.git"),
         ("/~/other.git", "~/other.git"),
-        ("repo.git/..", "~"),
+        ("repo.git/..", "~/"),
         ("//etc", "/etc"),
         ("{home}/../home/repo.git/../x", "~/x"),
     ],
@@ -620,6 +635,136 @@ def test_row_06_unknown_user_and_relative_paths_without_restriction(server: Serv
         assert "failed to read git config" in proc.stderr, (d, proc.stderr)
     proc = server.builtin(["configlist", "/~no-such-user-here/r.git"], "single")
     assert_refused(proc, "unknown user in directory /~no-such-user-here/r.git")
+
+
+# The directory git is handed under DIRECTORY: the checked one, absolute, in our quoting.
+HANDED_SPELLINGS = [
+    "{repo}", "{repo}/", "{repo}/.", "repo.git", "~/repo.git", "/~/repo.git",
+    "{home}/./repo.git", "{home}/sub/../repo.git", "{home}//repo.git",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spelling", HANDED_SPELLINGS)
+@pytest.mark.parametrize(
+    ("command", "service"),
+    [("git-upload-pack '{d}'", "git-upload-pack"), ("git upload-pack '{d}'", "git-upload-pack"),
+     ("git-receive-pack '{d}'", "git-receive-pack")],
+)  # fmt: skip
+def test_row_06_git_is_handed_the_checked_absolute_path(
+    server: Server, spelling: str, command: str, service: str
+) -> None:
+    """Under DIRECTORY, git-shell gets `SERVICE '<the checked path>'`, never the client's
+    string: `~` and relative paths are not git's to expand (it would use its cwd and its
+    own `~` rules), and `.`, `..`, `//` and a trailing slash are already resolved."""
+    (server.home / "sub").mkdir()
+    bindir, record = fake_git_shell(server)
+    d = spelling.format(repo=server.repo, home=server.home)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "GIT_ANNEX_SHELL_DIRECTORY": str(server.repo)}
+    proc = server.run(["-c", command.format(d=d)], env=env)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc
+    [rec] = read_records(record)
+    assert rec["argv"][1:] == ["-c", f"{service} '{server.repo}'"]  # type: ignore[index]
+
+
+def test_row_06_without_directory_git_gets_the_string_unchanged(server: Server) -> None:
+    bindir, record = fake_git_shell(server)
+    text = "git upload-pack '~/repo.git/'"
+    proc = server.run(["-c", text], env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc
+    assert [r["argv"][1:] for r in read_records(record)] == [["-c", text]]  # type: ignore[index]
+
+
+def _other_repository(server: Server) -> Path:
+    """A second repository on the account, with a ref no client of repo.git may see."""
+    other = server.home / "other.git"
+    shutil.copytree(server.repo, other, symlinks=True)
+    head = server.admin("git", "rev-parse", "git-annex").strip()
+    subprocess.run(
+        ["git", "update-ref", "refs/heads/secret", head], cwd=other, check=True,
+        env=_admin_env(server.home, server.annex_bin),
+    )  # fmt: skip
+    return other
+
+
+@pytest.mark.parametrize("service", ["git-upload-pack", "git-receive-pack"])
+@pytest.mark.parametrize("form", FORMS)
+def test_row_06_git_shell_gets_the_directory_that_was_checked(
+    server: Server, service: str, form: Form
+) -> None:
+    """git-annex checks the last word of the last argument but hands git-shell the part
+    before `--`: `git-annex-shell 'git-upload-pack '"'"'OTHER'"'"'' -- 'ALLOWED'` served
+    OTHER (git-annex 10.20261026 does so too). The directory checked must be the one git
+    reads; with real git, the other repository's refs are never advertised."""
+    other = _other_repository(server)
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo)}
+    words = [f"{service} '{other}'", "--", str(server.repo)]
+    argv = words if form == "multi" else ["-c", " ".join(["git-annex-shell", *map(quote, words)])]
+    before = snapshot(server.root)
+    proc = server.run(argv, env=env, input=b"0000")
+    assert_refused(proc, "Only allowed to access ~/repo.git not ~/other.git")
+    assert "refs/heads/secret" not in proc.stdout
+    assert_unchanged(before, snapshot(server.root))
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["git-upload-pack {repo}", 'git-upload-pack "{repo}"', "git-upload-pack", "git-upload-pack "],
+)
+def test_row_06_git_argument_that_names_no_directory(server: Server, command: str) -> None:
+    """Under DIRECTORY, a git service whose argument git-shell would not read as one quoted
+    directory is refused here, with git-annex's message for that case."""
+    bindir, record = fake_git_shell(server)
+    text = command.format(repo=server.repo)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "GIT_ANNEX_SHELL_DIRECTORY": str(server.repo)}
+    # The last word (git-annex's check) is the repository in the first two: let it pass.
+    proc = server.run(["-c", text, "--", str(server.repo)], env=env)
+    assert_refused(proc)
+    assert (
+        f"Only allowed to access {server.repo} and could not determine directory from command line"
+        in proc.stderr
+    ), proc.stderr
+    assert read_records(record) == []
+
+
+@pytest.mark.parametrize(
+    ("allowed", "directory"),
+    [("", "{repo}"), ("{home}", "{repo}"), ("{home}/", "{repo}"),
+     ("{repo}", "{home}"), ("{repo}", "."), ("{repo}", "repo.git/.."), ("{repo}", "~"),
+     ("{repo}", "/~")],
+)  # fmt: skip
+def test_row_06_messages_match_git_annex(
+    server: Server, real_bin: Path, allowed: str, directory: str
+) -> None:
+    """The real git-annex-shell is the oracle for the refusal and its canonical forms: an
+    empty DIRECTORY is set (only HOME is allowed), and HOME itself reads `~/`."""
+    a = allowed.format(repo=server.repo, home=server.home)
+    d = directory.format(repo=server.repo, home=server.home)
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": a}
+    ours = server.builtin(["configlist", d], "single", env=env)
+    real = run_shell(
+        shell_argv(real_bin / "git-annex-shell", ["configlist", d], "single"),
+        env=server.env({**env, "PATH": f"{real_bin}:/usr/bin:/bin"}),
+        cwd=server.home,
+    )
+    # git-annex 10.20261026 ends each such message with a blank line; we end it with the line.
+    assert (ours.returncode, ours.stdout, ours.stderr.rstrip("\n")) == (
+        real.returncode, real.stdout, real.stderr.rstrip("\n")
+    )  # fmt: skip
+    assert ours.stderr.startswith("git-annex-shell: Only allowed to access "), ours.stderr
+
+
+def test_row_06_sq_quote_is_what_git_shell_reads(server: Server) -> None:
+    """Our quoting of the checked path is git's: real git-shell serves a repository whose
+    name holds a quote, a bang, a space and a backslash."""
+    weird = server.home / "it's a\\ bang!.git"
+    shutil.copytree(server.repo, weird, symlinks=True)
+    assert sq_dequote(sq_quote(str(weird))) == str(weird)
+    proc = subprocess.run(
+        ["git-shell", "-c", f"git-upload-pack {sq_quote(str(weird))}"], input=b"0000",
+        capture_output=True, env=server.env(), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc
+    assert b"refs/heads/git-annex" in proc.stdout
 
 
 # == row 7: symlinks ========================================================================
@@ -708,6 +853,105 @@ def test_row_07_symlinked_tmp_is_not_written_through(server: Server, what: str) 
     assert result.code == 0 and "Traceback" not in result.stderr, result.stderr
     assert_unchanged(before, snapshot(server.root), allow=only_dirs(before, snapshot(server.root)))
     assert (server.outside / "victim").read_text(encoding="utf-8") == "precious\n"
+
+
+# -- row 7, continued: a symlink a client pushes into a non-bare DIRECTORY ----------------
+
+
+@dataclass
+class PushedSymlink:
+    env: SshEnv  # unrestricted; `restricted` is the key limited to `wt`
+    restricted: SshEnv
+    wt: Path  # the allowed repository: non-bare, receive.denyCurrentBranch=updateInstead
+    other: Path  # another repository of the same account
+    client: Path
+    secret: str  # other's HEAD, which no client of wt may see
+
+
+@pytest.fixture
+def pushed_symlink(ssh_env: SshEnvFactory, tmp_path: Path) -> PushedSymlink:
+    """Through the fake ssh with real git: the key restricted to `wt` pushes a commit with
+    `evil -> OTHER/.git`, which updateInstead checks out in wt's work tree."""
+    env = ssh_env(tmp_path / "ssh")
+    wt, other = env.srv / "wt", env.srv / "other"
+    for repo in (wt, other):
+        env.run(["git", "init", "-q", str(repo)], admin=True)
+        env.run(["git", "commit", "-q", "--allow-empty", "-m", repo.name], cwd=repo, admin=True)
+        env.run(["git", "annex", "init", "-q", repo.name], cwd=repo, admin=True)
+    env.run(["git", "config", "receive.denyCurrentBranch", "updateInstead"], cwd=wt, admin=True)
+    restricted = env.with_server(GIT_ANNEX_SHELL_DIRECTORY=str(wt))
+    client = tmp_path / "client"
+    restricted.run(["git", "clone", "-q", f"localhost:{wt}", str(client)])
+    (client / "evil").symlink_to(other / ".git")
+    env.run(["git", "add", "evil"], cwd=client)
+    env.run(["git", "commit", "-q", "-m", "evil"], cwd=client)
+    restricted.run(["git", "push", "-q", "origin", "main"], cwd=client)
+    assert (wt / "evil").is_symlink() and (wt / "evil" / "..").resolve() == other
+    secret = env.run(["git", "rev-parse", "HEAD"], cwd=other, admin=True).stdout.strip()
+    return PushedSymlink(env, restricted, wt, other, client, secret)
+
+
+def test_row_07_pushed_symlink_does_not_lead_git_out_of_the_directory(
+    pushed_symlink: PushedSymlink,
+) -> None:
+    """`WT/evil/..` is WT by name (git-annex's check passes it) but OTHER to the kernel,
+    which is what git opened: the other repository was served and written. Now it is
+    refused, upload-pack and receive-pack alike, and OTHER is neither read nor changed."""
+    p = pushed_symlink
+    escaped = f"localhost:{p.wt}/evil/.."
+    before = snapshot(p.other)
+    listing = p.restricted.run(["git", "ls-remote", escaped], check=False)
+    assert listing.returncode != 0 and p.secret not in listing.stdout, listing
+    assert f"git-annex-shell: Only allowed to access {p.wt} not {p.wt}/evil/.." in listing.stderr
+    fetch = p.restricted.run(["git", "fetch", "-q", escaped, "main"], cwd=p.client, check=False)
+    assert fetch.returncode != 0, fetch
+    known = p.env.run(["git", "cat-file", "-e", p.secret], cwd=p.client, check=False)
+    assert known.returncode != 0, "the other repository's commit reached the client"
+    push = p.restricted.run(
+        ["git", "push", escaped, "main:refs/heads/pwned"], cwd=p.client, check=False
+    )
+    assert push.returncode != 0, push
+    assert "Only allowed to access" in push.stderr
+    assert_unchanged(before, snapshot(p.other))
+    # The allowed repository itself is still served, by name.
+    assert p.secret not in p.restricted.run(["git", "ls-remote", f"localhost:{p.wt}"]).stdout
+
+
+def test_row_07_pushed_symlink_and_the_builtins(pushed_symlink: PushedSymlink) -> None:
+    """The builtins open `WT/evil/..` by name, so they never reached OTHER; under DIRECTORY
+    they now refuse that spelling too (one rule for git and the builtins)."""
+    p = pushed_symlink
+    other_uuid = p.env.run(["git", "config", "annex.uuid"], cwd=p.other, admin=True).stdout
+    escaped = f"{p.wt}/evil/.."
+    before = snapshot(p.other)
+    for words in (["configlist", escaped], ["inannex", escaped, K_HELLO],
+                  ["p2pstdio", escaped, CLIENT_UUID]):  # fmt: skip
+        command = " ".join(["git-annex-shell", *map(quote, words)])
+        proc = p.restricted.run(["ssh", "localhost", command], check=False, input="")
+        assert proc.returncode == 1 and other_uuid.strip() not in proc.stdout, proc
+        assert proc.stdout == "", proc
+        assert proc.stderr.startswith(
+            f"git-annex-shell: Only allowed to access {p.wt} not {escaped}"
+        ), proc.stderr
+    assert_unchanged(before, snapshot(p.other))
+
+
+def test_row_07_symlink_the_admin_made_keeps_working(pushed_symlink: PushedSymlink) -> None:
+    """DIRECTORY may itself be a symlink (the admin's): it is served by that name, for git
+    and the builtins; the pushed symlink still cannot lead out of it."""
+    p = pushed_symlink
+    link = p.env.srv / "wtlink"
+    link.symlink_to(p.wt)
+    via_link = p.env.with_server(GIT_ANNEX_SHELL_DIRECTORY=str(link))
+    wt_head = p.env.run(["git", "rev-parse", "HEAD"], cwd=p.wt, admin=True).stdout.strip()
+    assert wt_head in via_link.run(["git", "ls-remote", f"localhost:{link}"]).stdout
+    p.env.run(["git", "commit", "-q", "--allow-empty", "-m", "via link"], cwd=p.client)
+    via_link.run(["git", "push", "-q", f"localhost:{link}", "main"], cwd=p.client)
+    wt_uuid = p.env.run(["git", "config", "annex.uuid"], cwd=p.wt, admin=True).stdout.strip()
+    configlist = via_link.run(["ssh", "localhost", f"git-annex-shell 'configlist' '{link}'"])
+    assert configlist.stdout == f"annex.uuid={wt_uuid}\ncore.gcrypt-id=\n"
+    listing = via_link.run(["git", "ls-remote", f"localhost:{link}/evil/.."], check=False)
+    assert listing.returncode != 0 and p.secret not in listing.stdout, listing
 
 
 # == row 8: not a repository; no upward search ===========================================
@@ -848,6 +1092,130 @@ def test_row_10_uuid_against_an_uninitialised_repository(server: Server) -> None
         proc, f"expected repository UUID {server.uuid} but found uninitialized repository"
     )
     assert_unchanged(before, snapshot(server.root))
+
+
+# -- row 10, continued: --uuid and the nodes of a proxy under DIRECTORY ------------------
+
+
+@dataclass(frozen=True)
+class ProxyNodes:
+    uuids: dict[str, str]  # node name -> UUID; node1 holds HELLO
+    cluster: str  # the UUID of a cluster of both nodes, repo.git its gateway
+    special: str  # a directory special remote the proxy serves itself
+
+
+@pytest.fixture
+def proxy_nodes(server: Server) -> ProxyNodes:
+    """repo.git proxies for two local nodes (node1 by absolute path, node2 by a path relative
+    to the repository, `../node2.git`), is the gateway of a cluster of both, and proxies for
+    a directory special remote; laid out by the admin with the real git-annex."""
+    env = _admin_env(server.home, server.annex_bin)
+    uuids = {}
+    for name, url in (("node1", str(server.home / "node1.git")), ("node2", "../node2.git")):
+        path = server.home / f"{name}.git"
+        subprocess.run(["git", "init", "-q", "--bare", str(path)], env=env, check=True)
+        subprocess.run(["git", "annex", "init", "-q", name], cwd=path, env=env, check=True)
+        uuids[name] = subprocess.run(
+            ["git", "config", "annex.uuid"], cwd=path, env=env, check=True,
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        server.admin("git", "remote", "add", name, url)
+    seed = server.root / "seed"
+    seed.write_bytes(HELLO)
+    subprocess.run(
+        ["git", "annex", "setkey", K_HELLO, str(seed)], cwd=server.home / "node1.git", env=env,
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server.admin("git", "annex", "sync", "-q", "--no-content", "node1", "node2")
+    (server.root / "dirsr").mkdir()
+    server.admin("git", "annex", "initremote", "-q", "sr", "type=directory",
+                 f"directory={server.root / 'dirsr'}", "encryption=none")  # fmt: skip
+    server.admin("git", "annex", "initcluster", "-q", "mycluster")
+    for name in ("node1", "node2", "sr"):
+        if name != "sr":
+            server.set_config(f"remote.{name}.annex-cluster-node", "mycluster")
+        server.set_config(f"remote.{name}.annex-proxy", "true")
+    server.admin("git", "annex", "updatecluster")
+    server.admin("git", "annex", "updateproxy")
+    return ProxyNodes(
+        uuids=uuids,
+        cluster=server.admin("git", "config", "annex.cluster.mycluster").strip(),
+        special=server.admin("git", "config", "remote.sr.annex-uuid").strip(),
+    )
+
+
+def _p2p_once(
+    server: Server, shell: Path, uuid: str, requests: str, env: Mapping[str, str]
+) -> subprocess.CompletedProcess[str]:
+    argv = p2pstdio_argv(shell, server.repo, CLIENT_UUID, uuid=uuid, form="single")
+    return run_shell(argv, env=server.env(env), cwd=server.home, input=requests.encode())
+
+
+@pytest.mark.parametrize("link", ["noderpc", "p2p"])
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_row_10_uuid_of_a_local_node_outside_directory_byte_for_byte(
+    server: Server, proxy_nodes: ProxyNodes, real_bin: Path, node: str, link: str
+) -> None:
+    """With DIRECTORY = the proxy, `--uuid NODE` used to reach the node: restriction
+    variables are dropped on node hops. git-annex's proxy starts the local node's
+    git-annex-shell with DIRECTORY inherited, which refuses it; the real binary is the
+    oracle, byte for byte on stdout and stderr, and the exit status (node2's URL is
+    relative: it names ~/node2.git, as git-annex reads it, not a path under our cwd)."""
+    if link == "p2p":
+        server.set_config(f"remote.{node}.annexproxy-link", "p2p")
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo), "PATH": f"{real_bin}:/usr/bin:/bin"}
+    uuid = proxy_nodes.uuids[node]
+    before = snapshot(server.root)
+    ours = _p2p_once(server, server.shell, uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env)
+    real = _p2p_once(
+        server, real_bin / "git-annex-shell", uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env
+    )
+    expected = (
+        1,
+        f"AUTH-SUCCESS {uuid}\n",
+        f"git-annex-shell: Only allowed to access ~/repo.git not ~/{node}.git\n\n"
+        "git-annex: Unable to connect to remote.\np2pstdio: 1 failed\n",
+    )
+    assert (real.returncode, real.stdout, real.stderr) == expected
+    assert (ours.returncode, ours.stdout, ours.stderr) == expected
+    assert_unchanged(before, snapshot(server.root), allow=only_dirs(before, snapshot(server.root)))
+
+
+def test_row_10_nodes_reached_without_directory_and_with_the_opt_in(
+    server: Server, proxy_nodes: ProxyNodes
+) -> None:
+    """Without DIRECTORY both nodes answer (node2 by its relative URL); with
+    ANNEXPROXY_DIRECTORY_NODES=1 beside DIRECTORY (annexproxy only) the key may reach the
+    nodes its proxy is configured for."""
+    for env in ({}, {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo),
+                     "ANNEXPROXY_DIRECTORY_NODES": "1"}):  # fmt: skip
+        for node, answer in (("node1", "SUCCESS"), ("node2", "FAILURE")):
+            uuid = proxy_nodes.uuids[node]
+            proc = _p2p_once(
+                server, server.shell, uuid, f"VERSION 2\nCHECKPRESENT {K_HELLO}\n", env
+            )
+            assert (proc.returncode, proc.stderr) == (0, ""), (env, node, proc)
+            assert proc.stdout.endswith(f"\n{answer}\n"), (env, node, proc.stdout)
+
+
+def test_row_10_cluster_and_special_remote_under_directory(
+    server: Server, proxy_nodes: ProxyNodes, real_bin: Path
+) -> None:
+    """Through the cluster, nodes outside DIRECTORY are not reached either: git-annex ends
+    the session when it needs one, our gateway counts the node as unavailable (its rule for
+    any node that cannot be reached) and says why. A special remote is served in the
+    proxy's own process by both, so DIRECTORY (the proxy) allows it."""
+    env = {"GIT_ANNEX_SHELL_DIRECTORY": str(server.repo), "PATH": f"{real_bin}:/usr/bin:/bin"}
+    requests = f"VERSION 2\nCHECKPRESENT {K_HELLO}\n"
+    for shell in (server.shell, real_bin / "git-annex-shell"):
+        proc = _p2p_once(server, shell, proxy_nodes.cluster, requests, env)
+        assert "SUCCESS" not in proc.stdout.splitlines(), (shell, proc)
+        assert "Only allowed to access ~/repo.git not ~/node1.git" in proc.stderr, proc.stderr
+        special = _p2p_once(server, shell, proxy_nodes.special, requests, env)
+        assert (special.returncode, special.stdout.splitlines()[-1]) == (0, "FAILURE"), special
+        assert "Only allowed" not in special.stderr, special
+    ours = _p2p_once(server, server.shell, proxy_nodes.cluster, requests, env)
+    assert (ours.returncode, ours.stdout.splitlines()[-1]) == (0, "FAILURE"), ours
 
 
 # == row 11: fields ==========================================================================
