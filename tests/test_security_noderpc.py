@@ -4,7 +4,7 @@ key could do with the node worker, one test per row below.
 noderpc serves annexproxy's proxy. The proxy starts the worker of a local node itself (no
 forced command, no restriction: nodelink.child_env); an ssh node runs it under a forced
 command only if its admin set ANNEXPROXY_ALLOW_NODERPC for the proxy's key (git-annex-shell(1)).
-Rows N2-N4 are such a key in someone else's hands: the worker must keep the key's
+Rows N2-N9 are such a key in someone else's hands: the worker must keep the key's
 restrictions and bound what it spends. Every session goes through the fake ssh
 (tests/fakessh.py) as sshd would run it; the client is tests/rpcdriver.py, which writes
 frames and reads only when told.
@@ -19,23 +19,39 @@ Rows (probe -> expected):
 - N2  READONLY + opt-in: put_begin, remove -> `readonly`; checkpresent, get served
 - N3  APPENDONLY + opt-in: remove -> `appendonly`; an upload begins
 - N4  DIRECTORY + opt-in: another repository -> "Only allowed to access"
+- N5  a HELLO offering a 1 GiB window -> the link ends at once (one line, exit 1)
+- N6  100 gets of a 4 MiB object under the largest window, nothing read -> peak RSS < 64 MiB
+- N7  36 MB of small requests, nothing read -> the worker stops reading; peak RSS < 64 MiB;
+      every answer still comes, in order, once read
+- N8  more than MAX_STREAMS streams or MAX_LOCKS locks -> `protocol` for the extra ones;
+      a slot freed is usable again
+- N9  silence, a lock then silence, a lock held while pinging -> the link ends after
+      annexproxy.idletimeout, the lock released
 - N10 --uuid naming a node behind a proxy -> "Cannot proxy noderpc command."
       (tests/test_noderpc.py::test_worker_is_not_proxyable)
+
+bench/noderpc_abuse.py measures N6 and N7 at full size (and 30 gets of a 64 MB object).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from conftest import SshEnv, SshEnvFactory
 from rpcdriver import RpcSession, hello, request
 
+from git_remote_annexproxy import rpc
+from git_remote_annexproxy.lockfile import others_hold
+from git_remote_annexproxy.rpcmethods import MAX_LOCKS, MAX_STREAMS
 from shell import restrict
 
 ALLOW = {restrict.ALLOW_NODERPC: "1"}
@@ -220,3 +236,116 @@ def test_n4_directory_key(node: Node) -> None:
     proc = _ssh_noderpc(node, server_env, "forced", other)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == f"git-annex-shell: Only allowed to access {node.repo} not {other}\n"
+
+
+# --- N5-N8: bounded whatever the client does -----------------------------------------------------
+
+
+def test_n5_huge_window_ends_the_link(node: Node) -> None:
+    with node.session() as s:
+        s.push(hello(1 << 30) + request(1, "get", {"key": K_BIG, "offset": 0, "af": None}))
+        assert s.frame()[0] == 5
+        with pytest.raises(EOFError):
+            s.frame()
+        result = s.finish()
+    assert result.code == 1
+    assert result.stderr == (
+        "git-annex-shell: noderpc: protocol error: "
+        f"HELLO window {1 << 30} over the limit {rpc.MAX_CREDIT}\n"
+    )
+
+
+def test_n6_gets_nobody_reads_are_bounded(node: Node) -> None:
+    """The largest window the worker accepts, 100 downloads of 4 MiB, nothing read."""
+    gets = b"".join(
+        request(rid, "get", {"key": K_BIG, "offset": 0, "af": None}) for rid in range(2, 102)
+    )
+    with node.session() as s:
+        first = hello(rpc.MAX_CREDIT) + request(1, "info", {})
+        assert s.push(first + gets) == len(first + gets)
+        peak = s.settle(quiet=3)
+        assert s.alive()
+        assert peak < PEAK_LIMIT_KIB, f"peak RSS {peak} KiB"
+        assert s.frame()[0] == 5  # and it serves what it took, once read
+        assert call_answer(s, 1)[2] is None
+        assert call_answer(s, 2)[3] == {"length": len(BIG)}
+
+
+def test_n7_small_requests_nobody_reads_are_bounded(node: Node) -> None:
+    payload, rid = bytearray(), 2
+    while len(payload) < 36_000_000:
+        payload += request(rid, "timestamp", {})
+        rid += 1
+    with node.session() as s:
+        taken = s.push(hello(64 << 10) + request(1, "info", {}) + payload, stall=3)
+        peak = s.settle(quiet=3)
+        assert taken < len(payload) // 2  # it stopped reading
+        assert peak < PEAK_LIMIT_KIB, f"peak RSS {peak} KiB"
+        assert s.alive()
+        assert s.frame()[0] == 5
+        for rid in range(1, 20_000):  # every answer, in order
+            assert call_answer(s, rid)[2] is None
+
+
+def test_n8_streams_are_capped(node: Node) -> None:
+    """A one-byte window keeps every download open, waiting for credit."""
+    with node.session() as s:
+        start(s, window=1)
+        answers = [call(s, rid, "get", {"key": K_BIG, "offset": 0, "af": None})
+                   for rid in range(2, MAX_STREAMS + 5)]  # fmt: skip
+        kinds = [error_type(a) for a in answers]
+        assert kinds == [None] * MAX_STREAMS + ["protocol"] * 3
+        assert "streams open" in answers[-1][2]["message"]
+        # Cancel one: its stream ends, and a new one may open.
+        s.push(msgpack.packb([6, 2]))
+        while s.frame()[1:] != [2, b"", True]:
+            pass
+        assert error_type(call(s, 100, "get", {"key": K_SMALL, "offset": 0, "af": None})) is None
+
+
+def test_n8_locks_are_capped(node: Node) -> None:
+    with node.session() as s:
+        start(s)
+        answers = [call(s, rid, "lock", {"key": K_SMALL}) for rid in range(2, MAX_LOCKS + 4)]
+        assert [error_type(a) for a in answers] == [None] * MAX_LOCKS + ["protocol"] * 2
+        assert error_type(call(s, 200, "unlock", {"lock": answers[0][3]["lock"]})) is None
+        assert error_type(call(s, 201, "lock", {"key": K_SMALL})) is None
+        assert s.finish().code == 0
+
+
+# --- N9: annexproxy.idletimeout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["silent", "lock then silent", "lock while pinging"])
+def test_n9_idle_timeout_ends_the_link(node: Node, how: str) -> None:
+    node.env.run(["git", "config", "annexproxy.idletimeout", "2"], cwd=node.repo, admin=True)
+    lck = node.lock_file(K_SMALL)
+    with node.session() as s:
+        start(s)
+        began = time.monotonic()
+        if how != "silent":
+            assert error_type(call(s, 2, "lock", {"key": K_SMALL})) is None
+            fd = os.open(lck, os.O_RDONLY)
+            try:
+                assert others_hold(fd)
+            finally:
+                os.close(fd)
+        rid = 3
+        while how == "lock while pinging" and s.alive() and time.monotonic() - began < 15:
+            s.push(request(rid, "timestamp", {}))
+            rid += 1
+            time.sleep(0.3)
+        code = s.wait(15)
+        took = time.monotonic() - began
+        stderr = s.stderr()
+    assert 1.5 < took < 8, took
+    assert code == 1
+    expected = ("nothing from or to the proxy for 2s" if how == "silent"
+                else "the proxy held a content lock past the idle timeout (2s)")  # fmt: skip
+    assert stderr == f"git-annex-shell: noderpc: {expected}\n"
+    if lck.exists():  # released (the retention file stays, as after p2pstdio's LOCKCONTENT)
+        fd = os.open(lck, os.O_RDONLY)
+        try:
+            assert not others_hold(fd)
+        finally:
+            os.close(fd)
