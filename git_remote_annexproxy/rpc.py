@@ -82,7 +82,10 @@ __all__ = [
 PROTO: Final = "annexproxy-noderpc"
 VERSIONS: Final = (1,)
 DEFAULT_WINDOW: Final = 4 << 20
-MAX_CREDIT: Final = 1 << 30  # outstanding credit per stream, also the largest window
+# Outstanding credit per stream, also the largest window: 4 x the proxy's window, and small
+# enough that a peer cannot invite a gigabyte per stream (the node worker bounds what it
+# queues regardless, see shell/noderpc.py).
+MAX_CREDIT: Final = 16 << 20
 MAX_PENDING: Final = 1024  # unanswered requests per connection
 _MAX_LIST: Final = 64  # versions and caps in a hello
 
@@ -306,9 +309,11 @@ class RpcConnection:
             and all(map(_is_int, versions))
             and _str_list(caps)
             and type(window) is int
-            and 1 <= window <= MAX_CREDIT
+            and window >= 1
         ):
             raise RemoteProtocolError("malformed HELLO")
+        if window > MAX_CREDIT:
+            raise RemoteProtocolError(f"HELLO window {window} over the limit {MAX_CREDIT}")
         common = set(VERSIONS).intersection(versions)
         if not common:
             raise RemoteProtocolError(f"no common version: ours {VERSIONS}, theirs {versions}")

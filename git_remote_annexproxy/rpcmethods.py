@@ -35,6 +35,9 @@ Semantics, as the node worker implements them (after the P2P protocol, spec §6-
   only while the node's monotonic clock is below it. Errors: `locked`, `appendonly`,
   `readonly`.
 * `timestamp`: the node's monotonic clock in seconds (P2P GETTIMESTAMP).
+* Per connection a node holds at most MAX_LOCKS locks and MAX_STREAMS open streams (uploads
+  begun and not finished, downloads not ended); past that `lock`, `put_begin` and `get` fail
+  with `protocol`. A proxy uses a handful at a time; the bounds are for other clients.
 
 Notification: `log` {message}: a diagnostic from the node for the proxy's log (the node's
 stderr may be an ssh channel nobody reads).
@@ -52,6 +55,8 @@ MAX_BATCH: Final = 256  # keys per checkpresent; 256 keys of MAX_KEY_LENGTH fit 
 MAX_ID: Final = 2**63 - 1  # request ids and lock ids
 MAX_NAT: Final = 2**63 - 1  # offsets, lengths, timestamps: what an off_t / time_t holds
 MAX_MESSAGE: Final = 1024  # error and log text is cut to this many characters when sent
+MAX_STREAMS: Final = 32  # open body streams per connection (each holds files and locks)
+MAX_LOCKS: Final = 64  # content locks held per connection
 
 
 # --- typed errors ----------------------------------------------------------------------------

@@ -194,9 +194,12 @@ def external(params: list[str]) -> int:
     return passthrough.run(params)
 
 
-def dispatch(argv: list[str]) -> int:
+def dispatch(argv: list[str], command_string: bool = False) -> int:
+    # command_string: the command came as sshd hands it to a forced command or login shell
+    # (after `-c`, or as one string); only noderpc cares (restrict.check_noderpc).
     while argv and argv[0] == "-c":
         argv = argv[1:]
+        command_string = True
     if not argv:
         raise ShellError("bad parameters\n\n" + USAGE)
     if len(argv) == 1:
@@ -206,11 +209,14 @@ def dispatch(argv: list[str]) -> int:
             # The byte cap in main() still lets 64 KiB of spaces become 64k words.
             if len(words) > MAX_ARGS:
                 raise ShellError("command line too long")
-            return dispatch(words)
+            return dispatch(words, command_string=True)
         if cmd in BUILTINS:
             raise ShellError("bad parameters\n\n" + USAGE)
         return external(argv)
     cmd, directory, *params = argv
+    if cmd == "noderpc":
+        # Before anything else, so a refused key learns nothing about directories.
+        restrict.check_noderpc(command_string)
     if cmd in BUILTINS:
         return run_builtin(parse_builtin(cmd, directory, params))
     return external(argv)

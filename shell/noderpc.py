@@ -11,6 +11,12 @@ that order) with no locking of our own. An upload's body is written by the reade
 arrive, and credit goes back as they are written. Only what waits on the proxy runs in a task
 of its own: sending a download's body, which waits for credit.
 
+Memory is bounded whatever the proxy does (it may be a hostile key's holder, see
+restrict.check_noderpc): the reader stops reading while READ_PAUSE bytes wait to be written,
+a download's body waits while BODY_ROOM do, and at most rpcmethods.MAX_STREAMS streams and
+MAX_LOCKS locks are open. `annexproxy.idletimeout` (as in p2pstdio) ends a link on which
+nothing moved either way for that long, or that has held a lock that long.
+
 However the link ends (EOF, a malformed frame, a dead pipe), content locks are released with
 their retention files left in place (as p2pstdio does when its client vanishes), partial
 uploads are kept for a resume, and the journal is committed. A malformed or oversized frame
@@ -33,6 +39,8 @@ from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import restore_stdio
 from git_remote_annexproxy.rpcmethods import (
+    MAX_LOCKS,
+    MAX_STREAMS,
     AppendOnlyError,
     CallProtocolError,
     LockedError,
@@ -45,14 +53,17 @@ from git_remote_annexproxy.rpcmethods import (
 )
 from git_remote_annexproxy.store import AnnexStore, ContentLocked, Receive, TransferInProgress
 from shell import restrict
-from shell.p2pserver import monotonic_seconds, warn
+from shell.p2pserver import idle_timeout, monotonic_seconds, warn
 from shell.repo import Repo
 from shell.rpclink import LinkBroken, Outbox, PeerGone
 
 READ_SIZE: Final = 1 << 20
 SEND_PIECE: Final = 1 << 20
-# As P2PChannel's default: a proxy that neither reads nor grants credit this long is gone.
-IDLE_TIMEOUT: Final = 7200.0
+# Bytes waiting to be written to the proxy: past BODY_ROOM no download sends a piece, past
+# READ_PAUSE no request is read. Bodies alone stay below READ_PAUSE (BODY_ROOM + SEND_PIECE
+# + a few frames), so only answers piling up, i.e. a proxy that reads nothing, stop reading.
+BODY_ROOM: Final = 2 << 20
+READ_PAUSE: Final = 4 << 20
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -89,12 +100,14 @@ class NodeWorker:
         self.store = AnnexStore(repo.gitdir, bare=repo.bare)
         self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
         self.mode = restrict.server_mode()
+        self.idle = idle_timeout(repo)
         self.conn = rpc.RpcConnection("server")
-        self.outbox = Outbox(send, timeout=IDLE_TIMEOUT)
+        self.outbox = Outbox(send, timeout=self.idle)
         self.receive = receive
+        self.last_input = trio.current_time()
         self.failure: str | None = None  # why the link ended badly, for stderr
         self.gone = False  # the proxy went away mid-exchange: exit 1, quietly (as p2pstdio)
-        self.locks: dict[int, tuple[Key, ExitStack]] = {}
+        self.locks: dict[int, tuple[Key, ExitStack, float]] = {}  # id -> key, hold, since
         self.next_lock = 1
         self.uploads: dict[int, _Upload] = {}  # by stream id (= the put_begin request id)
         self.credit: dict[int, trio.Event] = {}  # download stream -> wakeup on credit/cancel
@@ -118,6 +131,7 @@ class NodeWorker:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._write_loop)
+            nursery.start_soon(self._watchdog)
             self.outbox.write(self.conn.handshake())
             await self._read_loop()
             # What was answered before the end still goes out, if the proxy still reads.
@@ -136,12 +150,35 @@ class NodeWorker:
             assert self.nursery is not None
             self.nursery.cancel_scope.cancel()
 
+    async def _watchdog(self) -> None:
+        """End the link once nothing moved either way for the idle timeout, or a lock has
+        been held that long (p2pstdio's bounds: a silent client, a LOCKCONTENT)."""
+        while True:
+            moved = max(self.last_input, self.outbox.last_progress)
+            deadline = moved + self.idle
+            oldest = min((since for _, _, since in self.locks.values()), default=None)
+            if oldest is not None and oldest + self.idle < deadline:
+                deadline = oldest + self.idle
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep_until(deadline)
+        if oldest is not None and oldest <= moved:
+            self.failure = f"the proxy held a content lock past the idle timeout ({self.idle:.0f}s)"
+        else:
+            self.failure = f"nothing from or to the proxy for {self.idle:.0f}s"
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
     async def _read_loop(self) -> None:
         while True:
             try:
+                if self.outbox.pending >= READ_PAUSE:
+                    await self.outbox.room(READ_PAUSE // 2)
                 event = self.conn.next_event()
                 if event is rpc.NEED_DATA:
-                    self.conn.receive_data(await self.receive.receive_some(READ_SIZE))
+                    data = await self.receive.receive_some(READ_SIZE)
+                    self.last_input = trio.current_time()
+                    self.conn.receive_data(data)
                     continue
             except rpc.RemoteProtocolError as exc:
                 self.failure = f"protocol error: {exc}"
@@ -188,7 +225,7 @@ class NodeWorker:
 
     def close(self) -> None:
         """After the link, however it ended: release, keep what must be kept, commit."""
-        for _, stack in self.locks.values():
+        for _, stack, _ in self.locks.values():
             stack.close()  # the retention file stays: a drop proof may rely on it
         for upload in self.uploads.values():
             upload.stack.close()  # the partial stays for a resumed upload
@@ -209,6 +246,8 @@ class NodeWorker:
 
     def lock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
         key = Key.parse(params["key"])
+        if len(self.locks) >= MAX_LOCKS:
+            raise CallProtocolError(f"already {MAX_LOCKS} locks held on this link")
         stack = ExitStack()
         try:
             stack.enter_context(self.store.lock_shared(key))
@@ -223,14 +262,14 @@ class NodeWorker:
             stack.close()
             raise
         lock_id, self.next_lock = self.next_lock, self.next_lock + 1
-        self.locks[lock_id] = (key, stack)
+        self.locks[lock_id] = (key, stack, trio.current_time())
         return {"lock": lock_id}
 
     def unlock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
         held = self.locks.pop(params["lock"], None)
         if held is None:
             raise NotFoundError(f"no lock {params['lock']}")
-        key, stack = held
+        key, stack, _ = held
         with stack:
             self.store.clear_retention(key)
         return {}
@@ -268,6 +307,7 @@ class NodeWorker:
         key = Key.parse(params["key"])
         if self.store.has(key):
             return {"offset": None}
+        self._check_streams()
         stack = ExitStack()
         try:
             receive = stack.enter_context(self.store.begin_receive(key))
@@ -333,8 +373,14 @@ class NodeWorker:
         self.branch.log_presence(upload.key, self.uuid, present=True)
         return {}
 
+    def _check_streams(self) -> None:
+        # Each stream holds open files and locks (and a download, a task): bounded per link.
+        if len(self.uploads) + len(self.credit) >= MAX_STREAMS:
+            raise CallProtocolError(f"already {MAX_STREAMS} streams open on this link")
+
     def get(self, rid: int, params: dict[str, Any]) -> None:
         key, offset = Key.parse(params["key"]), params["offset"]
+        self._check_streams()
         stack = ExitStack()
         try:
             stack.enter_context(self.store.lock_shared(key))
@@ -370,12 +416,15 @@ class NodeWorker:
                 credit = self.conn.available_credit(sid)
                 if credit == 0:
                     wakeup = self.credit[sid] = trio.Event()
-                    with trio.move_on_after(IDLE_TIMEOUT) as scope:
+                    with trio.move_on_after(self.idle) as scope:
                         await wakeup.wait()
                     if scope.cancelled_caught:
-                        warn(f"  no credit for a download for {IDLE_TIMEOUT:.0f}s")
+                        warn(f"  no credit for a download for {self.idle:.0f}s")
                         break
                     continue
+                if self.outbox.pending >= BODY_ROOM:
+                    await self.outbox.room(BODY_ROOM)
+                    continue  # a cancel or a smaller credit may have come meanwhile
                 try:
                     n = min(credit, length - sent, SEND_PIECE)
                     data = os.pread(fh.fileno(), n, offset + sent)
@@ -386,6 +435,7 @@ class NodeWorker:
                     break  # the object shrank under us
                 self.outbox.write(self.conn.send_body(sid, data))
                 sent += len(data)
+                del data  # not held while other streams run: they may be many
                 await trio.lowlevel.checkpoint()  # other streams and calls get their turn
             self.outbox.write(self.conn.send_body(sid, b"", end=True))
         self.credit.pop(sid, None)

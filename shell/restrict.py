@@ -117,3 +117,28 @@ def check_directory(directory: str | None, env: Mapping[str, str] = os.environ) 
             " (a symlink before its `..` leads elsewhere)"
         )
     return path
+
+
+# noderpc (shell/noderpc.py) serves a proxy, not users: a key whose forced command runs
+# git-annex-shell would otherwise get it too (git-annex's own git-annex-shell hands the word
+# to git-shell, which refuses it). The proxy starts local nodes directly, as
+# `python -m shell noderpc DIR UUID` without restrictions or SSH_ORIGINAL_COMMAND
+# (nodelink.child_env); an ssh node's forced command must opt in for the proxy's key.
+ALLOW_NODERPC = "ANNEXPROXY_ALLOW_NODERPC"
+NODERPC_REFUSED = (
+    "noderpc is refused to a forced command or restricted key (it serves annexproxy's proxy); "
+    f"set {ALLOW_NODERPC}=1 in the forced command of the proxy's key to allow it"
+)
+
+
+def check_noderpc(command_string: bool, env: Mapping[str, str] = os.environ) -> None:
+    """Refuse noderpc to a forced command unless the admin allowed it for that key.
+
+    `command_string`: the command came through `-c` or as one string, as sshd passes it to a
+    forced command or a login shell. SSH_ORIGINAL_COMMAND and the restriction variables
+    also mean a forced command, whatever form it uses."""
+    if _is_set(env, ALLOW_NODERPC):
+        return
+    restricted = any(_is_set(env, name) for name in (READONLY, APPENDONLY, LIMITED, DIRECTORY))
+    if command_string or restricted or "SSH_ORIGINAL_COMMAND" in env:
+        raise ShellError(NODERPC_REFUSED)

@@ -64,6 +64,7 @@ from shell.proxyselect import Remote, local_path
 MAX_VERSION: Final = 4
 READ_SIZE: Final = 1 << 20
 _COALESCE: Final = 1 << 20  # queued frames joined into one write, up to this many bytes
+_SMALL: Final = 64 << 10  # frames below this are joined as they are queued
 _PAD: Final = 1 << 20
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -79,22 +80,35 @@ class PeerGone(LinkBroken):
 class Outbox:
     """Frames for the peer, written by one task (`run`) in the order they were queued.
 
-    Shared with the node worker. What can wait here is bounded by the protocol, not by this
-    class: body bytes by the peer's credit, requests by rpc.MAX_PENDING.
+    Shared with the node worker. Writing never blocks; what may wait here is bounded by the
+    user of this class: the proxy's by the protocol (body bytes by the peer's credit,
+    requests by rpc.MAX_PENDING), the node worker's with `pending` and `room` (a proxy that
+    reads nothing must not make it queue without end). Small frames are joined as they are
+    queued, so many tiny answers cost their bytes, not an object each.
     """
 
     def __init__(self, stream: trio.abc.SendStream, *, timeout: float) -> None:
         self._stream = stream
         self._timeout = timeout
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes | bytearray] = deque()
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._progress = trio.Event()
+        self.pending = 0  # bytes queued or being written
+        self.last_progress = trio.current_time()  # when a write last completed
 
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self._queue.append(data)
+        tail = self._queue[-1] if self._queue else None
+        if isinstance(tail, bytearray) and len(tail) + len(data) <= _COALESCE:
+            tail += data
+        elif len(data) < _SMALL:
+            self._queue.append(bytearray(data))
+        else:
+            self._queue.append(data)
+        self.pending += len(data)
         self._wakeup.set()
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -102,6 +116,11 @@ class Outbox:
     async def drained(self) -> None:
         """Wait until everything queued so far has been written."""
         await self._idle.wait()
+
+    async def room(self, limit: int) -> None:
+        """Wait until fewer than `limit` bytes wait to be written."""
+        while self.pending >= limit:
+            await self._progress.wait()
 
     async def run(self) -> None:
         """Write until cancelled; raises LinkBroken."""
@@ -112,13 +131,20 @@ class Outbox:
                 while self._queue and size + len(self._queue[0]) <= _COALESCE:
                     size += len(self._queue[0])
                     parts.append(self._queue.popleft())
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                del parts
                 with trio.move_on_after(self._timeout) as scope:
                     try:
-                        await self._stream.send_all(b"".join(parts))
+                        await self._stream.send_all(data)
                     except _BROKEN as exc:
                         raise PeerGone(f"cannot write: {exc or 'connection closed'}") from None
                 if scope.cancelled_caught:
                     raise LinkBroken(f"peer read nothing for {self._timeout:.0f}s")
+                del data
+                self.pending -= size
+                self.last_progress = trio.current_time()
+                self._progress.set()
+                self._progress = trio.Event()
             self._idle.set()
             self._wakeup = trio.Event()
             await self._wakeup.wait()

@@ -83,15 +83,16 @@ def test_every_builtin_is_documented(shell_page: dict[str, list[str]]) -> None:
 def test_noderpc_is_marked_as_extension(shell_page: dict[str, list[str]]) -> None:
     lines = shell_page["COMMANDS"]
     start = next(i for i, line in enumerate(lines) if _plain(line).startswith("noderpc"))
-    entry = " ".join(_plain(line) for line in lines[start : start + 4])
-    assert "annexproxy's own extension" in entry and "later release" in entry
+    entry = " ".join(_plain(line) for line in lines[start : start + 30])
+    assert "annexproxy's own extension" in entry and restrict.ALLOW_NODERPC in entry
 
 
 def test_environment_variables_and_messages(shell_page: dict[str, list[str]]) -> None:
     env = shell_page["ENVIRONMENT"]
     tags = set(_tagged(env))
     for name in (restrict.READONLY, restrict.APPENDONLY, restrict.LIMITED, restrict.DIRECTORY,
-                 passthrough.ALLOW_ARCHIVE_ENV, nodelink.DIRECTORY_NODES_ENV):  # fmt: skip
+                 passthrough.ALLOW_ARCHIVE_ENV, nodelink.DIRECTORY_NODES_ENV,
+                 restrict.ALLOW_NODERPC):  # fmt: skip
         assert name in tags
     text = re.sub(r"\s+", " ", " ".join(_plain(line) for line in env))
     for message in (
@@ -105,6 +106,7 @@ def test_environment_variables_and_messages(shell_page: dict[str, list[str]]) ->
         "from command line",
         "git-annex-shell: git-upload-archive is disabled here "
         f"(set {passthrough.ALLOW_ARCHIVE_ENV}=1)",
+        f"git-annex-shell: {restrict.NODERPC_REFUSED}",
     ):
         assert message in text
 

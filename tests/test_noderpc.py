@@ -967,7 +967,8 @@ async def test_worker_restrictions(node: tuple[SshEnv, Path, str], mode: str) ->
         assert await put(link, key, data) == Outcome(True)
         await link.aclose()
 
-        env = {**os.environ, f"GIT_ANNEX_SHELL_{mode}": "1"}
+        # A restricted key's worker runs only where the admin allowed noderpc for it.
+        env = {**os.environ, f"GIT_ANNEX_SHELL_{mode}": "1", restrict.ALLOW_NODERPC: "1"}
         link = await _spawn_worker(path, uuid, env)
         try:
             other = os.urandom(500)
@@ -1072,8 +1073,13 @@ def test_proxy_reaches_local_nodes_through_noderpc(logged_site: tuple[Site, Path
 
 
 def test_cluster_node_over_ssh_marked_as_ours(logged_site: tuple[Site, Path]) -> None:
-    """An ssh node marked annexproxy-noderpc runs `git-annex-shell noderpc` through ssh."""
+    """An ssh node marked annexproxy-noderpc runs `git-annex-shell noderpc` through ssh,
+    where its admin allowed noderpc for the proxy's key."""
     site, log = logged_site
+    # The fake ssh has no per-key settings for a server-side hop: the variable reaches the
+    # gateway's session as well as the node's, where only the node's reads it.
+    site.env["FAKESSH_PASSENV"] += f" {restrict.ALLOW_NODERPC}"
+    site.env[restrict.ALLOW_NODERPC] = "1"
     cl = site.cluster()
     site.admin(cl.gateway, "git", "config", "remote.node2.url", f"localhost:{cl.nodes['node2']}")
     site.admin(cl.gateway, "git", "config", "remote.node2.annexproxy-noderpc", "true")
@@ -1093,3 +1099,20 @@ def test_cluster_node_over_ssh_marked_as_ours(logged_site: tuple[Site, Path]) ->
     assert ssh[0] == "ssh" and ssh[-1].startswith("git-annex-shell noderpc "), ssh
     ssh_calls = [json.loads(line) for line in site.env.log.read_text().splitlines()]
     assert any("noderpc" in json.dumps(call) for call in ssh_calls)
+
+
+def test_ssh_node_refuses_noderpc_without_the_opt_in(logged_site: tuple[Site, Path]) -> None:
+    """The same node without ANNEXPROXY_ALLOW_NODERPC: its forced command refuses noderpc
+    with one line, which reaches the client; the cluster stores on the other node."""
+    site, _log = logged_site
+    cl = site.cluster()
+    site.admin(cl.gateway, "git", "config", "remote.node2.url", f"localhost:{cl.nodes['node2']}")
+    site.admin(cl.gateway, "git", "config", "remote.node2.annexproxy-noderpc", "true")
+    client = site.clone(cl.gateway)
+    files = {"c.bin": os.urandom(70_000)}
+    key = site.add_files(client, files)["c.bin"]
+
+    copy = site.client(client, "git", "annex", "copy", "--to", "origin-mycluster", "c.bin",
+                       check=False)  # fmt: skip
+    assert f"git-annex-shell: {restrict.NODERPC_REFUSED}" in copy.stderr.splitlines()
+    assert holders(site, cl.nodes, key, files["c.bin"]) == {"node1"}
