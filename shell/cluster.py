@@ -296,7 +296,7 @@ class GatewaySession(FrontSession):
             return
         start = min(u.offset for _, u in uploads)
         await self.send(p2p.PutFrom(start))
-        event = await self.event()
+        event = await self.event(data=True)
         if isinstance(event, p2p.DataPresent):
             results = await self.fan_out_uploads(uploads, lambda u: u.data_present())
         elif isinstance(event, p2p.Data):

@@ -186,7 +186,7 @@ class ObjectService:
             await self.front.send(p2p.AlreadyHave())
             return
         await self.front.send(p2p.PutFrom(0))
-        event = await self.front.event()
+        event = await self.front.event(data=True)
         if isinstance(event, p2p.DataPresent):
             await self.front.send(p2p.Failure())  # nothing of it was ever sent
             return
@@ -335,7 +335,7 @@ class ObjectService:
     async def _record_names(self, count: int) -> list[Key] | None:
         """The DATA after RECORD: one object name per line (None if unusable). Always
         consumed whole, so the session stays in step whatever the answer."""
-        event = await self.front.event()
+        event = await self.front.event(data=True)
         if not isinstance(event, p2p.Data):
             await self.front.send(p2p.Error("expected DATA after RECORD"))
             raise SessionEnd(1, "client sent no DATA after RECORD")

@@ -97,8 +97,12 @@ class ClientFacing:
     async def send(self, *messages: p2p.Message) -> None:
         await self.channel.send(*messages)
 
-    async def event(self) -> p2p.Event:
-        event = await self.channel.next_event()
+    async def event(self, *, data: bool = False) -> p2p.Event:
+        """The client's next message; EOF ends the session. A DATA payload is read only
+        where the caller expects one (`data=True`: after our PUT-FROM); anywhere else a
+        DATA is `p2p.UnexpectedData`, answered like any other message out of place, and
+        the bytes it announced are never read (p2p.py, "Which DATA starts a payload")."""
+        event = await self.channel.next_event(data=data)
         if isinstance(event, p2p.ConnectionClosed):
             raise SessionEnd(0)
         return event
@@ -173,9 +177,6 @@ class PlainSession(ClientFacing):
                 await self.send(p2p.Error("unknown command"))
             case p2p.Extensions():
                 await self.send(p2p.Extensions(()))  # a plain repository serves none
-            case p2p.Data():
-                await self.drain_body()
-                await self.send(p2p.Error("unexpected command"))
             case _:
                 await self.send(p2p.Error("unexpected command"))
 
@@ -216,18 +217,14 @@ class PlainSession(ClientFacing):
                 return
             await self.send(p2p.Success())
             try:
-                event = await self.channel.next_event()
+                # EOF raises SessionEnd: connection lost while locked, and the drop proof
+                # relies on the retention file outliving us, so it is left in place.
+                event = await self.event()
             except ChannelTimeout:
                 # The retention file keeps the content for its 10 minutes regardless.
                 raise SessionEnd(1, "client held a content lock past the idle timeout") from None
-            if isinstance(event, p2p.ConnectionClosed):
-                # Connection lost while locked: the drop proof relies on the retention
-                # file outliving us, so it is left in place.
-                raise SessionEnd(0)
             self.store.clear_retention(key)
             if not isinstance(event, p2p.UnlockContent):
-                if isinstance(event, p2p.Data):
-                    await self.drain_body()
                 await self.send(p2p.Error("expected UNLOCKCONTENT"))
 
     async def remove(self, key: Key, deadline: int | None) -> None:
@@ -273,7 +270,7 @@ class PlainSession(ClientFacing):
             stack.enter_context(receive)
             self.record_transfer(stack, "download", key, af)
             await self.send(p2p.PutFrom(receive.offset))
-            event = await self.event()
+            event = await self.event(data=True)
             if isinstance(event, p2p.DataPresent):
                 await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
                 return

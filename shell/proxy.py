@@ -145,7 +145,7 @@ class ProxySession(FrontSession):
                 await self.send(p2p.AlreadyHave())
             return
         await self.send(p2p.PutFrom(answer.offset))
-        event = await self.event()
+        event = await self.event(data=True)
         if isinstance(event, p2p.DataPresent):
             with trio.fail_after(self.timeout):
                 outcome = await answer.data_present()

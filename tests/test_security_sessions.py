@@ -1,0 +1,203 @@
+"""Hostile clients against every kind of p2pstdio session we serve, for the rows that concern
+them all: a plain repository, a proxy in front of a git repository (reached by our node
+worker, `noderpc`, or over a P2P link to its git-annex-shell), a special remote behind the
+proxy, and a cluster gateway. Each test drives our `git-annex-shell p2pstdio` byte-exactly
+(tests/p2pdriver.py); where real git-annex-shell 10.20261026 answers the same input without
+dying, we answer as it does (checked with the binary, each row says how).
+
+Rows (probe -> expected):
+
+- S2  DATA where no payload is expected (before VERSION, as a request, after LOCKCONTENT,
+      in place of a GET verdict or of VALID) -> answered at once, none of its bytes read
+      (however many it announces). A plain session, and a proxy holding a lock, answer
+      ERROR and read the bytes after the header as lines, as git-annex-shell does; a proxy
+      elsewhere answers `ERROR protocol error` and hangs up, as git-annex's proxy does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import SshEnv, make_ssh_env
+from p2pdriver import ShellSession, p2pstdio_argv
+
+TARGETS = ("plain", "node1", "node2", "special", "cluster")
+PROXIED = ("node1", "node2", "special", "cluster")
+HELLO = b"hello"
+QUICK = 5.0  # seconds an answer that must come "at once" may take
+
+
+@dataclass
+class World:
+    env: SshEnv
+    proxy: Path
+    holders: dict[str, Path]  # where a target's objects live (none for the special remote)
+    uuids: dict[str, str | None]  # --uuid for each target; None: the proxy's own annex
+
+    def session(self, target: str) -> ShellSession:
+        argv = p2pstdio_argv(
+            self.env.srvbin_dir / "git-annex-shell", self.proxy, uuid=self.uuids[target]
+        )
+        env = self.env.admin_env()
+        env["PATH"] = f"{self.env.srvbin_dir}{os.pathsep}{env['PATH']}"
+        env["ANNEXPROXY_DEBUG_LINKS"] = str(self.env.root / "links.jsonl")
+        return ShellSession(argv, env=env, cwd=self.proxy, timeout=60)
+
+    def open(self, target: str, *, version: int | None = 4) -> ShellSession:
+        s = self.session(target)
+        s.handshake(version)
+        return s
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, annex_bin: Path, our_shell: Path) -> World:
+    root = tmp_path_factory.mktemp("secsessions")
+    env = make_ssh_env(root / "ssh", annex_bin, our_shell)
+    proxy = env.make_server_repo("proxy.git", "proxy")
+
+    def admin(*args: str) -> str:
+        return env.run(list(args), cwd=proxy, admin=True).stdout
+
+    nodes = {n: env.make_server_repo(f"{n}.git", n) for n in ("node1", "node2", "node3")}
+    for name, path in nodes.items():
+        admin("git", "remote", "add", name, str(path))
+    admin("git", "annex", "sync", "--quiet", "--no-content", *nodes)
+    for name in ("node1", "node2"):
+        admin("git", "config", f"remote.{name}.annex-proxy", "true")
+    # node1 is reached by our node worker (the default for a local path), node2 over P2P.
+    admin("git", "config", "remote.node2.annexproxy-link", "p2p")
+    store = root / "store"
+    store.mkdir()
+    admin("git", "annex", "initremote", "-q", "special", "type=directory",
+          f"directory={store}", "encryption=none")  # fmt: skip
+    admin("git", "config", "remote.special.annex-proxy", "true")
+    admin("git", "annex", "initcluster", "mycluster")
+    admin("git", "config", "remote.node3.annex-cluster-node", "mycluster")
+    admin("git", "annex", "updatecluster")
+    admin("git", "annex", "updateproxy", "-q")
+
+    def config(name: str) -> str:
+        return admin("git", "config", name).strip()
+
+    uuids: dict[str, str | None] = {"plain": None, "cluster": config("annex.cluster.mycluster")}
+    uuids |= {n: config(f"remote.{n}.annex-uuid") for n in ("node1", "node2", "special")}
+    holders = {"plain": proxy, "node1": nodes["node1"], "node2": nodes["node2"],
+               "cluster": nodes["node3"]}  # fmt: skip
+    return World(env, proxy, holders, uuids)
+
+
+def put(s: ShellSession, key: str, content: bytes) -> list[str]:
+    """PUT and, if asked for, the content from the offset the server names."""
+    answers = [s.request(f"PUT f {key}")]
+    if answers[0].startswith("PUT-FROM "):
+        s.send_data(content[int(answers[0].split()[1]) :])
+        answers.append(s.request("VALID"))
+    return answers
+
+
+def hello_key(target: str) -> str:
+    digest = hashlib.sha256(HELLO + target.encode()).hexdigest()
+    return f"SHA256E-s{len(HELLO) + len(target)}--{digest}.txt"
+
+
+def stored_hello(world: World, target: str) -> tuple[str, bytes]:
+    """A small key stored on (and logged for) `target`, through a session."""
+    content = HELLO + target.encode()
+    key = hello_key(target)
+    with world.open(target) as s:
+        assert put(s, key, content)[-1].split()[0] in {
+            "SUCCESS", "SUCCESS-PLUS", "ALREADY-HAVE", "ALREADY-HAVE-PLUS"
+        }  # fmt: skip
+        assert s.finish().code == 0
+    return key, content
+
+
+def in_step(s: ShellSession) -> None:
+    assert s.request("GETTIMESTAMP").startswith("TIMESTAMP "), "session out of step"
+
+
+def test_sessions_reach_their_nodes_as_configured(world: World) -> None:
+    """The rows below cover each kind of link: node1 by our node worker, node2 over P2P,
+    the special remote in-process, the cluster's node by our node worker."""
+    log = world.env.root / "links.jsonl"
+    log.unlink(missing_ok=True)
+    for target in PROXIED:
+        with world.open(target) as s:
+            in_step(s)
+            s.request(f"CHECKPRESENT {hello_key('nowhere')}")
+            assert s.finish().code == 0
+    links = {r["remote"]: r["link"] for r in map(json.loads, log.read_text().splitlines())}
+    assert links == {"node1": "RpcLink", "node2": "P2PLink", "special": "SpecialLink",
+                     "node3": "RpcLink"}  # fmt: skip
+
+
+# -- S2: DATA where no payload is expected -----------------------------------------------------
+
+# A DATA that announces this much: if the server waited for it, the test would time out.
+STRAY = "DATA 1000000000"
+
+
+def answer_at_once(s: ShellSession) -> str:
+    try:
+        return s.readline(timeout=QUICK)
+    except TimeoutError:
+        pytest.fail(f"no answer to {STRAY} within {QUICK}s: the server waits for its bytes")
+
+
+def _position(world: World, target: str, s: ShellSession, where: str) -> None:
+    """Bring session `s` to the point where the stray DATA is sent."""
+    if where == "lock":
+        key, _ = stored_hello(world, target)
+        assert s.request(f"LOCKCONTENT {key}") == "SUCCESS"
+    elif where == "verdict":
+        key, content = stored_hello(world, target)
+        assert s.request(f"GET 0 f {key}") == f"DATA {len(content)}"
+        assert s.read_exact(len(content)) == content and s.readline() == "VALID"
+    elif where == "validity":
+        key = hashlib.sha256(f"validity {target}".encode()).hexdigest()
+        assert s.request(f"PUT f SHA256E-s5--{key}") == "PUT-FROM 0"
+        s.send_data(HELLO)
+
+
+# Positions: where the stray DATA comes, and what a plain session answers there.
+POSITIONS = {
+    "before-version": "ERROR unexpected command",
+    "request": "ERROR unexpected command",
+    "lock": "ERROR expected UNLOCKCONTENT",
+    "verdict": "ERROR unexpected command",
+    "validity": "ERROR expected VALID or INVALID",
+}
+
+
+@pytest.mark.parametrize("where", list(POSITIONS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_s2_out_of_turn_data_is_answered_at_once_never_read(
+    world: World, target: str, where: str
+) -> None:
+    if where == "lock" and target in {"special", "cluster"}:
+        pytest.skip("LOCKCONTENT always fails here: a special remote or a cluster is not locked")
+    with world.open(target, version=None if where == "before-version" else 4) as s:
+        _position(world, target, s, where)
+        s.send(STRAY)
+        first = answer_at_once(s)
+        if target == "plain" or where == "lock":
+            # Answered, and the bytes after the header are the next request.
+            assert first == POSITIONS[where]
+            s.send("GETTIMESTAMP")
+            assert s.readline(timeout=QUICK).startswith("TIMESTAMP ")
+            in_step(s)
+            assert s.finish().code == 0
+            return
+        # A proxy: a message it cannot relay ends the session, as git-annex's proxy does.
+        expect = (
+            "ERROR expected VALID or INVALID" if where == "validity" else "ERROR protocol error"
+        )
+        assert first == expect
+        assert s.at_eof(timeout=QUICK)
+        result = s.finish()
+    assert result.code == 1 and "Traceback" not in result.stderr, result.stderr
