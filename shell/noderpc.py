@@ -337,7 +337,7 @@ class NodeWorker:
         key, offset = Key.parse(params["key"]), params["offset"]
         stack = ExitStack()
         try:
-            stack.enter_context(self.store.lock_shared(key))
+            # No content lock while sending: see PlainSession.get (shell/p2pserver.py).
             fh = self.store.open_object(key)
             if fh is None:
                 raise FileNotFoundError(errno.ENOENT, "content not present")
@@ -349,7 +349,7 @@ class NodeWorker:
                         self.store.transfer("upload", self.client_uuid, key, params["af"])
                     )
             length = max(os.fstat(fh.fileno()).st_size - offset, 0)
-        except (ContentLocked, FileNotFoundError):
+        except FileNotFoundError:
             stack.close()
             raise NotFoundError("content not present") from None
         except BaseException:

@@ -339,12 +339,15 @@ class PlainSession(ClientFacing):
 
     async def get(self, offset: int, af: str | None, key: Key) -> None:
         with ExitStack() as stack:
-            fh: BinaryIO | None = None
-            try:
-                stack.enter_context(self.store.lock_shared(key))
-                fh = self.store.open_object(key)
-            except (ContentLocked, FileNotFoundError):
-                fh = None
+            # No content lock while sending, as git-annex (sendAnnex in Annex/Content.hs
+            # takes none): a `<object>.lck` made here would stay beside the object when
+            # the session is killed mid-transfer (sshd or systemd ending it, SIGKILL),
+            # and would keep REMOVE out for as long as a stalled client holds the GET.
+            # Nothing is lost without it: a removal meanwhile unlinks the object, but the
+            # open file goes on reading the same inode, whole; a change in place (an
+            # unlocked work-tree file hard-linked to the object) shows in its size or
+            # mtime and makes us say INVALID, as git-annex's inode-cache check does.
+            fh = self.store.open_object(key)
             if fh is None:
                 await self.send(p2p.Data(0))
                 if self.version >= 1:
@@ -353,13 +356,14 @@ class PlainSession(ClientFacing):
                 return
             stack.enter_context(fh)
             self.record_transfer(stack, "upload", key, af)
-            size = _fsize(fh)
+            before = _stamp(fh)
+            size = before[0]
             length = max(size - offset, 0)
             if length:
                 fh.seek(offset)
             await self.channel.send_data(_pieces(fh, length), length)
             if self.version >= 1:
-                changed = _fsize(fh) != size
+                changed = _stamp(fh) != before
                 await self.send(p2p.Invalid() if changed else p2p.Valid())
         await self.read_verdict()
 
@@ -370,10 +374,12 @@ class PlainSession(ClientFacing):
             await self.handle(event)
 
 
-def _fsize(fh: BinaryIO) -> int:
+def _stamp(fh: BinaryIO) -> tuple[int, int]:
+    """Size and mtime (ns) of an open file: what a change while sending shows in."""
     import os  # noqa: PLC0415
 
-    return os.fstat(fh.fileno()).st_size
+    st = os.fstat(fh.fileno())
+    return st.st_size, st.st_mtime_ns
 
 
 def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:

@@ -12,13 +12,20 @@ Rows (probe -> expected):
       (however many it announces). A plain session, and a proxy holding a lock, answer
       ERROR and read the bytes after the header as lines, as git-annex-shell does; a proxy
       elsewhere answers `ERROR protocol error` and hangs up, as git-annex's proxy does.
+- S3  a session killed mid-GET (the connection cut: sshd or systemd end the session's
+      processes) -> no `<key>.lck` beside the object, in the repository served or on the
+      node: like git-annex (Annex/Content.hs, sendAnnex), sending takes no content lock,
+      so there is none to leave behind; a special remote has no lock files at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +33,13 @@ import pytest
 from conftest import SshEnv, make_ssh_env
 from p2pdriver import ShellSession, p2pstdio_argv
 
+from git_remote_annexproxy.keys import Key
+
 TARGETS = ("plain", "node1", "node2", "special", "cluster")
 PROXIED = ("node1", "node2", "special", "cluster")
 HELLO = b"hello"
+# Well past what pipes between client, proxy and node hold, so a GET stalls mid-transfer.
+BIG = hashlib.shake_256(b"annexproxy sessions big").digest(4 << 20)
 QUICK = 5.0  # seconds an answer that must come "at once" may take
 
 
@@ -39,19 +50,32 @@ class World:
     holders: dict[str, Path]  # where a target's objects live (none for the special remote)
     uuids: dict[str, str | None]  # --uuid for each target; None: the proxy's own annex
 
-    def session(self, target: str) -> ShellSession:
+    def session(self, target: str, *, own_group: bool = False) -> ShellSession:
         argv = p2pstdio_argv(
             self.env.srvbin_dir / "git-annex-shell", self.proxy, uuid=self.uuids[target]
         )
         env = self.env.admin_env()
         env["PATH"] = f"{self.env.srvbin_dir}{os.pathsep}{env['PATH']}"
         env["ANNEXPROXY_DEBUG_LINKS"] = str(self.env.root / "links.jsonl")
-        return ShellSession(argv, env=env, cwd=self.proxy, timeout=60)
+        # own_group: the session and the node processes it starts can be killed together,
+        # as sshd (or systemd, ending the login) ends a session whose connection died.
+        return ShellSession(
+            argv, env=env, cwd=self.proxy, timeout=60, preexec_fn=os.setsid if own_group else None
+        )
 
-    def open(self, target: str, *, version: int | None = 4) -> ShellSession:
-        s = self.session(target)
+    def open(
+        self, target: str, *, version: int | None = 4, own_group: bool = False
+    ) -> ShellSession:
+        s = self.session(target, own_group=own_group)
         s.handshake(version)
         return s
+
+    def key_dir(self, target: str, key: str) -> list[str]:
+        """What lies beside `key`'s object where `target` keeps it (the key file, `.lck`…)."""
+        kf = Key.parse(key).keyfile()
+        found = [p for p in (self.holders[target] / "annex" / "objects").rglob(kf) if p.is_dir()]
+        assert len(found) == 1, found
+        return sorted(n.replace(kf, "K") for n in os.listdir(found[0]))
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +225,48 @@ def test_s2_out_of_turn_data_is_answered_at_once_never_read(
         assert s.at_eof(timeout=QUICK)
         result = s.finish()
     assert result.code == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+# -- S3: no lock file left by a session killed mid-GET -----------------------------------------
+
+
+@pytest.mark.parametrize("target", ["plain", "node1", "node2", "cluster"])
+def test_s3_session_killed_mid_get_leaves_no_lock_file(world: World, target: str) -> None:
+    content = BIG + target.encode()
+    key = f"SHA256E-s{len(content)}--{hashlib.sha256(content).hexdigest()}.bin"
+    with world.open(target) as s:
+        assert put(s, key, content)[-1].split()[0] in {"SUCCESS", "SUCCESS-PLUS"}
+        assert s.finish().code == 0
+    assert world.key_dir(target, key) == ["K"]
+
+    s = world.open(target, own_group=True)
+    group = s.proc.pid
+    try:
+        with s:
+            assert s.request(f"GET 0 f {key}") == f"DATA {len(content)}"
+            assert s.read_exact(1 << 16) == content[: 1 << 16]
+            # Stalled mid-transfer (the client reads no more): nothing beside the object.
+            time.sleep(0.5)
+            assert world.key_dir(target, key) == ["K"]
+            # The connection is cut: the session and the node processes it started end.
+            os.killpg(group, signal.SIGTERM)
+            s.wait()
+            deadline = time.monotonic() + 20
+            while _group_alive(group) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # only what outlived the bound above
+    assert world.key_dir(target, key) == ["K"]
+    # And nothing holds the content: it can be removed at once.
+    with world.open(target) as s2:
+        assert s2.request(f"REMOVE {key}").split()[0] in {"SUCCESS", "SUCCESS-PLUS"}
+        assert s2.finish().code == 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
