@@ -343,8 +343,10 @@ class NodeWorker:
                 raise FileNotFoundError(errno.ENOENT, "content not present")
             stack.enter_context(fh)
             if self.client_uuid is not None:
-                # The same key sent twice at once on this link: one record is enough.
-                with suppress(TransferInProgress):
+                # The same key sent twice at once on this link: one record is enough. The
+                # record is informational: one that cannot be written (a key file name
+                # within 4 bytes of the limit: lck.<keyfile>) leaves it out, as p2pstdio.
+                with suppress(TransferInProgress, OSError):
                     stack.enter_context(
                         self.store.transfer("upload", self.client_uuid, key, params["af"])
                     )

@@ -107,6 +107,22 @@ class ClientFacing:
             raise SessionEnd(0)
         return event
 
+    def log_location(self, key: Key, uuid: str, present: bool) -> bool:
+        """Record in our location log that `uuid` has (or no longer has) `key`.
+
+        False, with a line on stderr, if the log cannot be written; the request then
+        answers FAILURE and the session goes on, as git-annex-shell answers a PUT whose
+        log write fails. The classic case: a key whose journal file name
+        (``<hash dirs>_<keyfile>.log``, ``_`` doubled) is longer than the filesystem
+        allows, though its object fits.
+        """
+        try:
+            self.branch.log_presence(key, uuid, present=present)
+        except OSError as exc:
+            warn(f"  cannot write the location log: {exc.strerror or exc}")
+            return False
+        return True
+
     async def refuse_write(self, removal: bool) -> bool:
         """Answer ERROR and return True when the mode forbids this request."""
         if self.mode == restrict.Mode.READONLY:
@@ -212,7 +228,12 @@ class PlainSession(ClientFacing):
             try:
                 stack.enter_context(self.store.lock_shared(key))
                 self.store.write_retention(key)
-            except (ContentLocked, FileNotFoundError):
+            except (ContentLocked, OSError) as exc:
+                # OSError: removed meanwhile (FileNotFoundError), or the lock or retention
+                # file cannot be made (a key file name within 4 bytes of the limit, a
+                # read-only store); git-annex answers FAILURE too.
+                if not isinstance(exc, ContentLocked | FileNotFoundError):
+                    warn(f"  cannot lock content: {exc.strerror or exc}")
                 await self.send(p2p.Failure())
                 return
             await self.send(p2p.Success())
@@ -245,8 +266,8 @@ class PlainSession(ClientFacing):
             warn(f"  cannot remove content: {exc.strerror}")
             await self.send(p2p.Failure())
             return
-        if gone:
-            self.branch.log_presence(key, self.uuid, present=False)
+        if gone and not self.log_location(key, self.uuid, present=False):
+            gone = False
         await self.send(p2p.Success() if gone else p2p.Failure())
 
     async def put(self, af: str | None, key: Key) -> None:
@@ -305,8 +326,8 @@ class PlainSession(ClientFacing):
                 await self.send(p2p.Failure())
                 return
             # Only now, with the object durable on disk, is the location recorded.
-            self.branch.log_presence(key, self.uuid, present=True)
-            await self.send(p2p.Success())
+            logged = self.log_location(key, self.uuid, present=True)
+            await self.send(p2p.Success() if logged else p2p.Failure())
 
     async def receive_body(self, receive: Receive, key: Key, length: int) -> bool:
         """Write the DATA payload into the partial; False if it cannot be the content.

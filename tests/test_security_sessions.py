@@ -7,6 +7,12 @@ dying, we answer as it does (checked with the binary, each row says how).
 
 Rows (probe -> expected):
 
+- S1  keys too long for a file name: 300 characters; long only once escaped (`&` -> `&a`);
+      an object that fits but whose location log does not (its journal file name doubles
+      every `_`); an object present whose `.lck` would not fit -> each request answered
+      FAILURE or ERROR, the next one served, exit 0. git-annex: the same FAILUREs where it
+      survives (an unloggable PUT: PUT-FROM, then FAILURE, the object kept), and it dies on
+      a 300-character PUT, a proxied REMOVE, a GET or REMOVE of such a present object.
 - S2  DATA where no payload is expected (before VERSION, as a request, after LOCKCONTENT,
       in place of a GET verdict or of VALID) -> answered at once, none of its bytes read
       (however many it announces). A plain session, and a proxy holding a lock, answer
@@ -34,6 +40,7 @@ from conftest import SshEnv, make_ssh_env
 from p2pdriver import ShellSession, p2pstdio_argv
 
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.store import AnnexStore
 
 TARGETS = ("plain", "node1", "node2", "special", "cluster")
 PROXIED = ("node1", "node2", "special", "cluster")
@@ -158,6 +165,107 @@ def test_sessions_reach_their_nodes_as_configured(world: World) -> None:
     links = {r["remote"]: r["link"] for r in map(json.loads, log.read_text().splitlines())}
     assert links == {"node1": "RpcLink", "node2": "P2PLink", "special": "SpecialLink",
                      "node3": "RpcLink"}  # fmt: skip
+
+
+def worm(target: str, tail: str, length: int | None = None) -> str:
+    """A WORM key of size 5 (HELLO's), unique to `target`, named `tail` (padded with `x`
+    to `length` characters when given)."""
+    key = f"WORM-s5-m1--{target}{tail}"
+    return key if length is None else key + "x" * (length - len(key))
+
+
+# -- S1: keys too long for a file name ---------------------------------------------------------
+
+
+def requests(s: ShellSession, key: str) -> list[str]:
+    """CHECKPRESENT, PUT (+ its DATA), LOCKCONTENT, GET (+ the content's validity, then
+    FAILURE as the verdict), REMOVE: one answer each, and the session still in step."""
+    answers = [s.request(f"CHECKPRESENT {key}"), *put(s, key, HELLO)]
+    lock = s.request(f"LOCKCONTENT {key}")
+    if lock == "SUCCESS":
+        s.send("UNLOCKCONTENT")
+    answers.append(lock)
+    get = s.request(f"GET 0 f {key}")
+    if get.startswith("DATA "):
+        s.read_exact(int(get.split()[1]))
+        get += " " + s.readline()
+        s.send("FAILURE")
+    answers += [get, s.request(f"REMOVE {key}")]
+    in_step(s)
+    return ["ERROR" if a.startswith("ERROR ") else a for a in answers]
+
+
+# No file can be named after the key: the object, its partial, locks and log all fail.
+UNSTORABLE = {
+    "plain": ["FAILURE", "ERROR", "FAILURE", "DATA 0 INVALID", "SUCCESS"],
+    "node1": ["FAILURE", "ERROR", "FAILURE", "DATA 0 INVALID", "FAILURE"],
+    "node2": ["FAILURE", "ERROR", "FAILURE", "DATA 0 INVALID", "FAILURE"],
+    "special": ["FAILURE", "PUT-FROM 0", "ERROR", "FAILURE", "ERROR", "FAILURE"],
+    "cluster": ["FAILURE", "ERROR", "FAILURE", "DATA 0 INVALID", "FAILURE"],
+}
+# The object fits, the location log does not: the content is stored and kept but the PUT
+# fails, as git-annex does it (plain, node, cluster alike); a REMOVE fails the same way.
+UNLOGGABLE = {
+    "plain": ["FAILURE", "PUT-FROM 0", "FAILURE", "SUCCESS", "DATA 5 VALID", "FAILURE"],
+    "node1": ["FAILURE", "PUT-FROM 0", "FAILURE", "SUCCESS", "DATA 5 VALID", "FAILURE"],
+    "node2": ["FAILURE", "PUT-FROM 0", "FAILURE", "SUCCESS", "DATA 5 VALID", "FAILURE"],
+    "special": ["FAILURE", "PUT-FROM 0", "FAILURE", "FAILURE", "DATA 5 VALID", "FAILURE"],
+    "cluster": ["FAILURE", "PUT-FROM 0", "FAILURE", "FAILURE", "DATA 0 INVALID", "FAILURE"],
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    ("kind", "tail", "length"),
+    [
+        ("unstorable", "-300-", 300),
+        # About 150 characters, over 270 once escaped (git-annex's keyFile: & -> &a).
+        ("unstorable", "-amp-" + "&" * 130, None),
+        # The key file fits (about 165 characters); the journal file of its location log,
+        # <hash dirs>_<keyfile>.log with every "_" doubled, is over 300.
+        ("unloggable", "-under-" + "_" * 140, None),
+    ],
+    ids=["300-chars", "long-once-escaped", "log-too-long"],
+)
+def test_s1_overlong_keys_are_refused_and_the_session_goes_on(
+    world: World, target: str, kind: str, tail: str, length: int | None
+) -> None:
+    key = worm(target, tail, length)
+    with world.open(target) as s:
+        got = requests(s, key)
+        assert s.request(f"CHECKPRESENT {hello_key('nowhere')}") == "FAILURE"
+        result = s.finish()
+    expected = (UNSTORABLE if kind == "unstorable" else UNLOGGABLE)[target]
+    assert got == expected, result.stderr
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr, result.stderr
+    if kind == "unloggable":  # said on stderr, by us or by the node that failed
+        assert "File name too long" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("target", ["plain", "node1", "node2"])
+def test_s1_present_object_whose_lock_file_name_is_too_long(world: World, target: str) -> None:
+    """A key file of 253 bytes fits, its `.lck` (257) does not; such an object can only
+    have come from elsewhere (a PUT of it fails on the download lock, `lck.<keyfile>`), so
+    the test places it. git-annex answers LOCKCONTENT with FAILURE and dies on GET and
+    REMOVE; we serve the GET (sending takes no lock) and answer REMOVE with FAILURE."""
+    key = worm(target, "-lck-", 253)
+    path = AnnexStore(world.holders[target], bare=True).object_path(Key.parse(key))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(HELLO)
+    path.chmod(0o444)
+    path.parent.chmod(0o555)
+    with world.open(target) as s:
+        assert s.request(f"CHECKPRESENT {key}") == "SUCCESS"
+        assert s.request(f"LOCKCONTENT {key}") == "FAILURE"
+        assert s.request(f"GET 0 f {key}") == "DATA 5"
+        assert s.read_exact(5) == HELLO and s.readline() == "VALID"
+        s.send("SUCCESS")
+        assert s.request(f"REMOVE {key}") == "FAILURE"
+        in_step(s)
+        result = s.finish()
+    assert result.code == 0 and "Traceback" not in result.stderr, result.stderr
+    assert world.key_dir(target, key) == ["K"]
 
 
 # -- S2: DATA where no payload is expected -----------------------------------------------------
