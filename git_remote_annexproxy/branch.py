@@ -34,6 +34,7 @@ the binary in ``tests/test_branch.py``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import pwd
@@ -151,6 +152,12 @@ class AnnexBranch:
         try:
             data = (self.journal_dir / annexlog.journal_name(path)).read_bytes()
         except FileNotFoundError:
+            return self._read_branch(path)
+        except OSError as exc:
+            # A journal file name longer than the filesystem allows (a long key, or one
+            # long only once escaped: "_" is doubled) can never have been written.
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
             return self._read_branch(path)
         return _discard_incomplete_append(data)
 

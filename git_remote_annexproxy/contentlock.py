@@ -2,8 +2,9 @@
 object in its (frozen) key directory. The store (`store.AnnexStore`) finds the key
 directory; everything here works on that opened directory and the key's file name.
 
-* content lock ``<object>.lck`` (v10 repositories): fcntl shared = LOCKCONTENT or sending,
-  exclusive = removal. The file is deleted by whoever ends up holding it exclusively.
+* content lock ``<object>.lck`` (v10 repositories): fcntl shared = LOCKCONTENT, exclusive =
+  removal; sending content takes none, as in git-annex (see ``PlainSession.get``). The file
+  is deleted by whoever ends up holding it exclusively, as git-annex does.
 * lock retention ``<object>.rtm`` = POSIX time as git-annex shows it (``1795563163.808174719s``,
   no newline), written atomically under an exclusive lock on ``<object>.rtl``. Removal is
   refused while that time is in the future.
@@ -72,7 +73,14 @@ class SharedLocks:
             held.remove(fd)
             if not held:
                 del self._held[parts]
-            # The last holder (the conversion succeeds) deletes the lock file.
+            # The last holder deletes the lock file, as git-annex's lockContentShared
+            # does on unlock. Deleting a lock file someone else holds, or is about to
+            # take, would leave them locking a file no one else can find; this cannot
+            # happen: the conversion to exclusive succeeds only if no one else holds any
+            # lock on it, and a process that opened it but has not locked yet finds,
+            # once locked, that the name no longer leads to its file (every locker,
+            # ours in try_lock_file and git-annex's checkSaneLock, checks) and retries
+            # on a fresh one.
             try:
                 if set_lock(fd, fcntl.F_WRLCK):
                     in_thawed(dirfd, lambda: delete_lock_file(dirfd, lck, fd))

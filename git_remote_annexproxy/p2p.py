@@ -20,6 +20,14 @@ The framing is this module's: after `DATA n` come exactly n raw bytes, in every 
 and context (content, CONNECT tunnels). An unreadable DATA header loses the framing and is
 fatal. Wire bytes are decoded as UTF-8 with `surrogateescape`, so every byte survives a
 round trip.
+
+Which DATA starts a payload is the reader's one rule about message order: a DATA is framing
+only where the reader expects a payload (`next_event(data=True)`, the default: a client
+reading answers, a server after its PUT-FROM, RECORD's DATA, a CONNECT relay). A server
+reading a request, or any other answer that is no payload, asks with `data=False`; a DATA
+there is `UnexpectedData`, its announced bytes are never read (a client cannot make the
+server wait for or buffer them), and what follows is read as lines, as git-annex-shell
+does: it answers such a DATA at once (`ERROR unexpected command`) and reads on.
 """
 
 from __future__ import annotations
@@ -96,8 +104,8 @@ __all__ = [
     "GetObject", "GetTimestamp", "Indirect", "IndirectDone", "Invalid", "LocalProtocolError",
     "LockContent", "Message", "NeedData", "NotifyChange", "P2PConnection", "P2PProtocolError",
     "Put", "PutFrom", "PutIndirect", "PutObject", "Record", "RemoteProtocolError", "Remove",
-    "RemoveBefore", "Success", "SuccessPlus", "Timestamp", "UnlockContent", "Unparsable", "Valid",
-    "Version", "decode_af", "encode_af", "serialize"
+    "RemoveBefore", "Success", "SuccessPlus", "Timestamp", "UnexpectedData", "UnlockContent",
+    "Unparsable", "Valid", "Version", "decode_af", "encode_af", "serialize"
 ]  # fmt: skip
 
 Message: TypeAlias = AnnexMessage | ExtMessage
@@ -113,6 +121,15 @@ class Unparsable:
     `line` is without its `\\n` (and without the one `\\r` stripped before it)."""
 
     line: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UnexpectedData:
+    """`DATA length` where the reader expected no payload (`next_event(data=False)`).
+
+    None of its bytes were read: the next event comes from the line after the header."""
+
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +152,7 @@ class ConnectionClosed:
     truncated: bool
 
 
-Event: TypeAlias = Message | Unparsable | Body | BodyEnd | ConnectionClosed
+Event: TypeAlias = Message | Unparsable | UnexpectedData | Body | BodyEnd | ConnectionClosed
 
 
 class NeedData(enum.Enum):
@@ -205,18 +222,21 @@ class P2PConnection:
         else:
             self._buf += data
 
-    def next_event(self) -> Event | NeedData:
+    def next_event(self, *, data: bool = True) -> Event | NeedData:
+        """The next event. `data`: may a `DATA n` line come here, its n bytes then being
+        its payload? If not, it is `UnexpectedData` and none of its bytes are read (see
+        the module docstring). Inside a payload `data` does not matter."""
         if self._broken is not None:
             raise RemoteProtocolError(f"connection already failed: {self._broken}")
         try:
             if self._body_left is None:
-                return self._next_line()
+                return self._next_line(data)
             return self._next_body()
         except RemoteProtocolError as e:
             self._broken = e
             raise
 
-    def _next_line(self) -> Event | NeedData:
+    def _next_line(self, data: bool) -> Event | NeedData:
         buf, pos = self._buf, self._pos
         nl = buf.find(b"\n", pos + self._scanned, pos + self._max_line)
         if nl < 0:
@@ -232,14 +252,16 @@ class P2PConnection:
         self._pos = nl + 1
         self._scanned = 0
         self._compact()
-        return self._parse_line(line)
+        return self._parse_line(line, data)
 
-    def _parse_line(self, line: bytes) -> Event:
+    def _parse_line(self, line: bytes, data: bool) -> Event:
         verb, rest = separate(line.decode("utf-8", "surrogateescape"))
         if verb == "DATA":
             n = nat(rest)
             if n is None or n > self._max_data:
                 raise RemoteProtocolError(f"bad DATA header {line[:60]!r}")
+            if not data:
+                return UnexpectedData(n)
             self._body_left = n
             return Data(n)
         parser = _PARSERS.get(verb)

@@ -40,10 +40,11 @@ class P2PChannel:
         self.bytes_out = 0
         self._eof = False
 
-    async def next_event(self) -> p2p.Event:
-        """The next event; raises p2p.RemoteProtocolError or ChannelTimeout."""
+    async def next_event(self, *, data: bool = True) -> p2p.Event:
+        """The next event; raises p2p.RemoteProtocolError or ChannelTimeout. `data`: may a
+        DATA payload start here (see `p2p.P2PConnection.next_event`)?"""
         while True:
-            event = self.conn.next_event()
+            event = self.conn.next_event(data=data)
             if event is not p2p.NEED_DATA:
                 assert not isinstance(event, p2p.NeedData)
                 return event
@@ -51,13 +52,13 @@ class P2PChannel:
                 # The codec always reports ConnectionClosed after EOF; this guards a bug.
                 raise p2p.RemoteProtocolError("read past end of stream")
             with trio.move_on_after(self.idle_timeout) as scope:
-                data = await self._receive.receive_some(READ_SIZE)
+                received = await self._receive.receive_some(READ_SIZE)
             if scope.cancelled_caught:
                 raise ChannelTimeout(f"no data from peer for {self.idle_timeout:.0f}s")
-            if not data:
+            if not received:
                 self._eof = True
-            self.bytes_in += len(data)
-            self.conn.receive_data(data)
+            self.bytes_in += len(received)
+            self.conn.receive_data(received)
 
     async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
         if not data:

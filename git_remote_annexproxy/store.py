@@ -230,7 +230,7 @@ class AnnexStore:
 
     @contextmanager
     def lock_shared(self, key: Key) -> Iterator[Path]:
-        """Hold a shared lock on ``<object>.lck`` (LOCKCONTENT, or while sending).
+        """Hold a shared lock on ``<object>.lck`` (LOCKCONTENT; sending takes none).
 
         Raises FileNotFoundError if the content is absent (also when it was removed just
         before we got the lock), ContentLocked if it is locked for removal. On exit the

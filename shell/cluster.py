@@ -262,11 +262,14 @@ class GatewaySession(FrontSession):
         async with trio.open_nursery() as nursery:
             for i, node in enumerate(nodes):
                 nursery.start_soon(slot, i, node)
+        logged = True
         for r in replies:
-            if r.ok:
-                self.log_present(key, [r.uuid, *r.plus], present=False)
-            elif r.plus_only:
-                self.log_present(key, r.plus, present=False)
+            if r.ok or r.plus_only:
+                uuids = [r.uuid, *r.plus] if r.ok else r.plus
+                logged = self.log_present(key, uuids, present=False) and logged
+        if not logged:
+            await self.send(p2p.Failure())
+            return
         first_error = next((e[0] for e in errors if e), None)
         await self.send(rules.remove_reply(replies, self.v, self.served, first_error))
 
@@ -296,7 +299,7 @@ class GatewaySession(FrontSession):
             return
         start = min(u.offset for _, u in uploads)
         await self.send(p2p.PutFrom(start))
-        event = await self.event()
+        event = await self.event(data=True)
         if isinstance(event, p2p.DataPresent):
             results = await self.fan_out_uploads(uploads, lambda u: u.data_present())
         elif isinstance(event, p2p.Data):
@@ -305,10 +308,11 @@ class GatewaySession(FrontSession):
             await self.send(p2p.Error("expected DATA"))
             raise SessionEnd(1, "client sent no DATA after PUT-FROM")
         stored = [rules.NodeReply(node.uuid, o.ok, o.plus) for node, o in results if o is not None]
+        logged = True
         for r in stored:
             if r.ok:
-                self.log_present(key, [r.uuid, *r.plus], present=True)
-        await self.send(rules.put_reply(stored + had, self.v))
+                logged = self.log_present(key, [r.uuid, *r.plus], present=True) and logged
+        await self.send(rules.put_reply(stored + had, self.v) if logged else p2p.Failure())
 
     async def fan_out_uploads(
         self, uploads: list[tuple[Remote, Upload]], fn: Callable[[Upload], Awaitable[T]]

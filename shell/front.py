@@ -84,11 +84,14 @@ class FrontSession(ClientFacing):
             case _:
                 await self.protocol_error()
 
-    def log_present(self, key: Key, uuids: list[str] | tuple[str, ...], present: bool) -> None:
-        """Record node locations in the proxy's branch; never a cluster UUID (spec §10)."""
-        for uuid in dict.fromkeys(uuids):
-            if uuid and not is_cluster_uuid(uuid) and uuid != self.own_uuid:
-                self.branch.log_presence(key, uuid, present=present)
+    def log_present(self, key: Key, uuids: list[str] | tuple[str, ...], present: bool) -> bool:
+        """Record node locations in the proxy's branch; never a cluster UUID (spec §10).
+        False if the log cannot be written (see `log_location`): the request fails."""
+        return all(
+            self.log_location(key, uuid, present)
+            for uuid in dict.fromkeys(uuids)
+            if uuid and not is_cluster_uuid(uuid) and uuid != self.own_uuid
+        )
 
     async def read_client_data(self) -> p2p.Event:
         """The client's answer to PUT-FROM: DATA, DATA-PRESENT, or something wrong."""

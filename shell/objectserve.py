@@ -190,7 +190,7 @@ class ObjectService:
             await self.front.send(p2p.AlreadyHave())
             return
         await self.front.send(p2p.PutFrom(0))
-        event = await self.front.event()
+        event = await self.front.event(data=True)
         if isinstance(event, p2p.DataPresent):
             await self.front.send(p2p.Failure())  # nothing of it was ever sent
             return
@@ -328,18 +328,23 @@ class ObjectService:
         if chunk_size:
             clock = current_clock()
             uuid = self.link.uuid
-            await trio.to_thread.run_sync(
-                self.link.branch.change,
-                chunks.chunk_log_path(key),
-                lambda old: chunks.record_chunks(old, uuid, chunk_size, count, clock),
-            )
-        self.front.log_present(key, [self.link.uuid], present=True)
-        await self.front.send(p2p.Success())
+            try:
+                await trio.to_thread.run_sync(
+                    self.link.branch.change,
+                    chunks.chunk_log_path(key),
+                    lambda old: chunks.record_chunks(old, uuid, chunk_size, count, clock),
+                )
+            except OSError as exc:  # e.g. a key too long for a journal file name
+                warn(f"  cannot write the chunk log: {exc.strerror or exc}")
+                await self.front.send(p2p.Failure())
+                return
+        logged = self.front.log_present(key, [self.link.uuid], present=True)
+        await self.front.send(p2p.Success() if logged else p2p.Failure())
 
     async def _record_names(self, count: int) -> list[Key] | None:
         """The DATA after RECORD: one object name per line (None if unusable). Always
         consumed whole, so the session stays in step whatever the answer."""
-        event = await self.front.event()
+        event = await self.front.event(data=True)
         if not isinstance(event, p2p.Data):
             await self.front.send(p2p.Error("expected DATA after RECORD"))
             raise SessionEnd(1, "client sent no DATA after RECORD")

@@ -97,11 +97,31 @@ class ClientFacing:
     async def send(self, *messages: p2p.Message) -> None:
         await self.channel.send(*messages)
 
-    async def event(self) -> p2p.Event:
-        event = await self.channel.next_event()
+    async def event(self, *, data: bool = False) -> p2p.Event:
+        """The client's next message; EOF ends the session. A DATA payload is read only
+        where the caller expects one (`data=True`: after our PUT-FROM); anywhere else a
+        DATA is `p2p.UnexpectedData`, answered like any other message out of place, and
+        the bytes it announced are never read (p2p.py, "Which DATA starts a payload")."""
+        event = await self.channel.next_event(data=data)
         if isinstance(event, p2p.ConnectionClosed):
             raise SessionEnd(0)
         return event
+
+    def log_location(self, key: Key, uuid: str, present: bool) -> bool:
+        """Record in our location log that `uuid` has (or no longer has) `key`.
+
+        False, with a line on stderr, if the log cannot be written; the request then
+        answers FAILURE and the session goes on, as git-annex-shell answers a PUT whose
+        log write fails. The classic case: a key whose journal file name
+        (``<hash dirs>_<keyfile>.log``, ``_`` doubled) is longer than the filesystem
+        allows, though its object fits.
+        """
+        try:
+            self.branch.log_presence(key, uuid, present=present)
+        except OSError as exc:
+            warn(f"  cannot write the location log: {exc.strerror or exc}")
+            return False
+        return True
 
     async def refuse_write(self, removal: bool) -> bool:
         """Answer ERROR and return True when the mode forbids this request."""
@@ -173,9 +193,6 @@ class PlainSession(ClientFacing):
                 await self.send(p2p.Error("unknown command"))
             case p2p.Extensions():
                 await self.send(p2p.Extensions(()))  # a plain repository serves none
-            case p2p.Data():
-                await self.drain_body()
-                await self.send(p2p.Error("unexpected command"))
             case _:
                 await self.send(p2p.Error("unexpected command"))
 
@@ -211,23 +228,24 @@ class PlainSession(ClientFacing):
             try:
                 stack.enter_context(self.store.lock_shared(key))
                 self.store.write_retention(key)
-            except (ContentLocked, FileNotFoundError):
+            except (ContentLocked, OSError) as exc:
+                # OSError: removed meanwhile (FileNotFoundError), or the lock or retention
+                # file cannot be made (a key file name within 4 bytes of the limit, a
+                # read-only store); git-annex answers FAILURE too.
+                if not isinstance(exc, ContentLocked | FileNotFoundError):
+                    warn(f"  cannot lock content: {exc.strerror or exc}")
                 await self.send(p2p.Failure())
                 return
             await self.send(p2p.Success())
             try:
-                event = await self.channel.next_event()
+                # EOF raises SessionEnd: connection lost while locked, and the drop proof
+                # relies on the retention file outliving us, so it is left in place.
+                event = await self.event()
             except ChannelTimeout:
                 # The retention file keeps the content for its 10 minutes regardless.
                 raise SessionEnd(1, "client held a content lock past the idle timeout") from None
-            if isinstance(event, p2p.ConnectionClosed):
-                # Connection lost while locked: the drop proof relies on the retention
-                # file outliving us, so it is left in place.
-                raise SessionEnd(0)
             self.store.clear_retention(key)
             if not isinstance(event, p2p.UnlockContent):
-                if isinstance(event, p2p.Data):
-                    await self.drain_body()
                 await self.send(p2p.Error("expected UNLOCKCONTENT"))
 
     async def remove(self, key: Key, deadline: int | None) -> None:
@@ -248,8 +266,8 @@ class PlainSession(ClientFacing):
             warn(f"  cannot remove content: {exc.strerror}")
             await self.send(p2p.Failure())
             return
-        if gone:
-            self.branch.log_presence(key, self.uuid, present=False)
+        if gone and not self.log_location(key, self.uuid, present=False):
+            gone = False
         await self.send(p2p.Success() if gone else p2p.Failure())
 
     async def put(self, af: str | None, key: Key) -> None:
@@ -273,7 +291,7 @@ class PlainSession(ClientFacing):
             stack.enter_context(receive)
             self.record_transfer(stack, "download", key, af)
             await self.send(p2p.PutFrom(receive.offset))
-            event = await self.event()
+            event = await self.event(data=True)
             if isinstance(event, p2p.DataPresent):
                 await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
                 return
@@ -308,8 +326,8 @@ class PlainSession(ClientFacing):
                 await self.send(p2p.Failure())
                 return
             # Only now, with the object durable on disk, is the location recorded.
-            self.branch.log_presence(key, self.uuid, present=True)
-            await self.send(p2p.Success())
+            logged = self.log_location(key, self.uuid, present=True)
+            await self.send(p2p.Success() if logged else p2p.Failure())
 
     async def receive_body(self, receive: Receive, key: Key, length: int) -> bool:
         """Write the DATA payload into the partial; False if it cannot be the content.
@@ -342,12 +360,15 @@ class PlainSession(ClientFacing):
 
     async def get(self, offset: int, af: str | None, key: Key) -> None:
         with ExitStack() as stack:
-            fh: BinaryIO | None = None
-            try:
-                stack.enter_context(self.store.lock_shared(key))
-                fh = self.store.open_object(key)
-            except (ContentLocked, FileNotFoundError):
-                fh = None
+            # No content lock while sending, as git-annex (sendAnnex in Annex/Content.hs
+            # takes none): a `<object>.lck` made here would stay beside the object when
+            # the session is killed mid-transfer (sshd or systemd ending it, SIGKILL),
+            # and would keep REMOVE out for as long as a stalled client holds the GET.
+            # Nothing is lost without it: a removal meanwhile unlinks the object, but the
+            # open file goes on reading the same inode, whole; a change in place (an
+            # unlocked work-tree file hard-linked to the object) shows in its size or
+            # mtime and makes us say INVALID, as git-annex's inode-cache check does.
+            fh = self.store.open_object(key)
             if fh is None:
                 await self.send(p2p.Data(0))
                 if self.version >= 1:
@@ -356,13 +377,14 @@ class PlainSession(ClientFacing):
                 return
             stack.enter_context(fh)
             self.record_transfer(stack, "upload", key, af)
-            size = _fsize(fh)
+            before = _stamp(fh)
+            size = before[0]
             length = max(size - offset, 0)
             if length:
                 fh.seek(offset)
             await self.channel.send_data(_pieces(fh, length), length)
             if self.version >= 1:
-                changed = _fsize(fh) != size
+                changed = _stamp(fh) != before
                 await self.send(p2p.Invalid() if changed else p2p.Valid())
         await self.read_verdict()
 
@@ -373,10 +395,12 @@ class PlainSession(ClientFacing):
             await self.handle(event)
 
 
-def _fsize(fh: BinaryIO) -> int:
+def _stamp(fh: BinaryIO) -> tuple[int, int]:
+    """Size and mtime (ns) of an open file: what a change while sending shows in."""
     import os  # noqa: PLC0415
 
-    return os.fstat(fh.fileno()).st_size
+    st = os.fstat(fh.fileno())
+    return st.st_size, st.st_mtime_ns
 
 
 def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:

@@ -143,11 +143,12 @@ class ProxySession(FrontSession):
     async def remove(self, key: Key, before: int | None) -> None:
         with trio.fail_after(self.timeout):
             outcome = await self.link.remove(key, before)
+        logged = True
         if outcome.ok:
-            self.log_present(key, [self.node.uuid, *outcome.plus], present=False)
+            logged = self.log_present(key, [self.node.uuid, *outcome.plus], present=False)
         elif outcome.plus:
             self.log_present(key, outcome.plus, present=False)
-        await self.send(self.reply_for(outcome))
+        await self.send(self.reply_for(outcome) if logged else p2p.Failure())
 
     async def put(self, af: str | None, key: Key) -> None:
         with trio.fail_after(self.timeout):
@@ -160,7 +161,7 @@ class ProxySession(FrontSession):
                 await self.send(p2p.AlreadyHave())
             return
         await self.send(p2p.PutFrom(answer.offset))
-        event = await self.event()
+        event = await self.event(data=True)
         if isinstance(event, p2p.DataPresent):
             with trio.fail_after(self.timeout):
                 outcome = await answer.data_present()
@@ -170,9 +171,10 @@ class ProxySession(FrontSession):
             # The node is still waiting for DATA; the only clean way out is to close it.
             await self.send(p2p.Error("expected DATA"))
             raise SessionEnd(1, "client sent no DATA after PUT-FROM")
-        if outcome.ok:
-            self.log_present(key, [self.node.uuid, *outcome.plus], present=True)
-        await self.send(self.reply_for(outcome))
+        logged = not outcome.ok or self.log_present(
+            key, [self.node.uuid, *outcome.plus], present=True
+        )
+        await self.send(self.reply_for(outcome) if logged else p2p.Failure())
 
     async def relay_upload(self, upload: Upload, length: int) -> Outcome:
         await upload.send_data(length)

@@ -43,6 +43,7 @@ from git_remote_annexproxy.rpcmethods import (
     LockedError,
     NotFoundError,
     RpcError,
+    StorageIOError,
 )
 from shell.nodelink import (
     AlreadyHave,
@@ -428,9 +429,12 @@ class RpcLink(NodeLink):
         return out
 
     async def lockcontent(self, key: Key) -> bool:
+        # A storage error (a lock file name too long for the filesystem, say) is the
+        # FAILURE p2pstdio answers for it, here as for REMOVE below.
+        expected = (NotFoundError, LockedError, StorageIOError)
         try:
-            _, result = await self._call("lock", {"key": str(key)}, (NotFoundError, LockedError))
-        except (NotFoundError, LockedError):
+            _, result = await self._call("lock", {"key": str(key)}, expected)
+        except expected:
             return False
         self._locks.append(result["lock"])
         return True
@@ -443,9 +447,12 @@ class RpcLink(NodeLink):
 
     async def remove(self, key: Key, before: int | None) -> Outcome:
         try:
-            await self._call("remove", {"key": str(key), "before": before}, (LockedError,))
-        except LockedError:
-            return Outcome(False)  # locked, retained, or past `before`: P2P's FAILURE
+            await self._call(
+                "remove", {"key": str(key), "before": before}, (LockedError, StorageIOError)
+            )
+        except (LockedError, StorageIOError):
+            # Locked, retained, past `before`, or not removed or logged: P2P's FAILURE.
+            return Outcome(False)
         return Outcome(True)
 
     async def timestamp(self) -> int:

@@ -58,6 +58,7 @@ from git_remote_annexproxy.p2p import (
     Success,
     SuccessPlus,
     Timestamp,
+    UnexpectedData,
     UnlockContent,
     Unparsable,
     Valid,
@@ -544,6 +545,49 @@ def test_max_data() -> None:
     conn.receive_data(b"DATA 4\nabcd")
     with pytest.raises(RemoteProtocolError):
         conn.next_event()
+
+
+def strict_events(data: bytes, *, expect_data_after: type | None = None) -> list[Event]:
+    """Events as a server reads them: no DATA payload unless right after a message of
+    type `expect_data_after` (a PUT-FROM it sent, say; here a received one stands in)."""
+    conn = P2PConnection()
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    out: list[Event] = []
+    while not out or not isinstance(out[-1], ConnectionClosed):
+        last = out[-1] if out else None
+        invited = expect_data_after is not None and isinstance(last, expect_data_after)
+        ev = conn.next_event(data=invited)
+        assert ev is not NEED_DATA
+        out.append(ev)
+    return out
+
+
+def test_unexpected_data_reads_no_payload() -> None:
+    """A DATA where no payload is expected: none of its bytes are read, the next line is
+    the next message (what git-annex-shell does), however large the DATA claims to be."""
+    stream = b"DATA 5\nGETTIMESTAMP\nDATA 99999999999\nVALID\n"
+    got = strict_events(stream)
+    assert got == [UnexpectedData(5), GetTimestamp(), UnexpectedData(99999999999), Valid(), EOF]
+    # Where a payload is expected, the same DATA frames it.
+    got = strict_events(b"PUT-FROM 0\nDATA 3\nabcVALID\nDATA 2\nxy", expect_data_after=PutFrom)
+    assert got == [PutFrom(0), Data(3), Body(b"abc"), BodyEnd(), Valid(), UnexpectedData(2), CUT]
+
+
+def test_unexpected_data_with_a_bad_header_is_still_fatal() -> None:
+    conn = P2PConnection()
+    conn.receive_data(b"DATA -1\nGETTIMESTAMP\n")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event(data=False)
+
+
+def test_data_flag_does_not_matter_inside_a_payload() -> None:
+    conn = P2PConnection()
+    conn.receive_data(b"DATA 8\nDATA 1\nxVALID\n")
+    assert conn.next_event() == Data(8)
+    assert conn.next_event(data=False) == Body(b"DATA 1\nx")
+    assert conn.next_event(data=False) == BodyEnd()
+    assert conn.next_event(data=False) == Valid()
 
 
 def test_data_after_eof_is_a_local_error() -> None:
