@@ -17,10 +17,12 @@ first 256 bytes are the HMAC key for object names; the rest is the passphrase fo
 symmetric encryption (a MAC-only cipher is all HMAC key). An object is stored under
 ``GPG<MAC>--<hex HMAC of the key's serialization>``, so no key name reaches the remote.
 
-The OpenPGP layer is gpg, run exactly as git-annex runs it (the same options, the
-passphrase on a pipe given by ``--passphrase-fd``, never in argv or the environment): the
-output then is what git-annex's own gpg produces and accepts, by construction. This module
-uses trio for that one streaming process (``GpgProcess``); the rest is pure.
+Where gpg runs, it runs exactly as git-annex runs it (the same options, the passphrase on
+a pipe given by ``--passphrase-fd``, never in argv or the environment): the output then is
+what git-annex's own gpg produces and accepts, by construction. That is for ciphers, for
+content encrypted to public keys, and for what the in-process OpenPGP code
+(``openpgpsym.py``, used by ``specialformat.py`` for passphrase ciphers) leaves to gpg.
+This module uses trio for that one streaming process (``GpgProcess``); the rest is pure.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from git_remote_annexproxy.specialformat import (
     Spool,
     StorageError,
     load_encryption,
+    max_length,
     object_key,
     plan,
     read_layout,
@@ -200,7 +201,7 @@ async def _send_object(job: _Job, name: str, offset: int, length: int) -> None:
             spool = Spool.create(job.annexdir)
             await write_object(target.encryption, Key.parse(name),
                                job.content.read_range(offset, length), _into(spool),
-                               GPG_TIMEOUT)  # fmt: skip
+                               GPG_TIMEOUT, length=length)  # fmt: skip
             source, start, length = spool, 0, spool.size
         if p2p.EXT_INDIRECT in job.agreed and await _indirect(session, name, source, start, length):
             job.on_bytes(length)
@@ -292,7 +293,8 @@ def read_key(
 
     def one(k: Key) -> AsyncGenerator[bytes, None]:
         name = object_key(target.encryption, k)
-        return read_object(target.encryption, source, name, annexdir, GPG_TIMEOUT)
+        return read_object(target.encryption, source, name, annexdir, GPG_TIMEOUT,
+                           limit=max_length(k))  # fmt: skip
 
     return read_layout(layout, offset, one)
 

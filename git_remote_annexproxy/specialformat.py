@@ -3,9 +3,20 @@ used by the proxy (``shell/specialremote.py``, content it received in a PUT) and
 client (``objectclient.py``, which encrypts before anything leaves the machine).
 
 Follows ``Remote/Helper/Special.hs`` and ``Remote/Helper/Chunked.hs``: content is split
-into chunks (``chunks.py``), each chunk is encrypted on its own (``crypto.py``: gpg run as
-git-annex runs it) and stored under the MAC of its chunk key. Where the objects go is the
-caller's: a storage on the proxy, the P2P extension on the client.
+into chunks (``chunks.py``), each chunk is encrypted on its own and stored under the MAC of
+its chunk key. Where the objects go is the caller's: a storage on the proxy, the P2P
+extension on the client.
+
+Encryption with a passphrase (``encryption=shared`` and ``hybrid``) is done in-process in
+the OpenPGP format gpg uses (``openpgpsym.py``), without a gpg process per object: what it
+writes, git-annex's gpg reads, and it reads what gpg writes. A decrypted object is kept
+aside (in memory up to ``MEMORY_PLAINTEXT``, else in a spool) until its MDC has matched,
+and only then given out. An object the in-process reader does not handle (a public-key
+encrypted one, AEAD, an unknown algorithm) goes to gpg, with the reason in the debug
+output (``ANNEXPROXY_DEBUG``); a damaged one is refused. Content encrypted to public keys
+(``pubkey``, ``sharedpubkey``), and every remote with ``annex-gnupg-options`` (for
+writing) or ``annex-gnupg-decrypt-options`` (for reading), keep running gpg exactly as
+git-annex does (``crypto.py``).
 
 ``Spool`` is an anonymous temp file in ``annex/othertmp`` (no name: nothing is left behind
 however the process ends); memory use is bounded by the piece sizes here.
@@ -18,11 +29,13 @@ import errno
 import os
 import re
 import secrets
+import sys
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -31,6 +44,7 @@ from git_remote_annexproxy.crypto import (
     MACS,
     Cipher,
     Gpg,
+    GpgError,
     GpgProcess,
     decrypt_cipher,
     encrypted_key,
@@ -39,8 +53,16 @@ from git_remote_annexproxy.crypto import (
     stored_cipher,
 )
 from git_remote_annexproxy.keys import BadKey, Key
+from git_remote_annexproxy.openpgp import S2K, S2K_ITERATED, OpenPGPError, Unsupported, decode_count
+
+if TYPE_CHECKING:
+    from git_remote_annexproxy.openpgpsym import Decryptor
 
 READ_SIZE = 1 << 20
+# A decrypted object up to this size waits for its MDC in memory, a larger one in a spool.
+MEMORY_PLAINTEXT = 8 << 20
+# Set (non-empty) in the environment: debug lines on stderr (why gpg was run, for one).
+DEBUG_VARIABLE = "ANNEXPROXY_DEBUG"
 # Named spool files (only where O_TMPFILE is unsupported) exist for microseconds; one
 # older than this was left by a process that died in between.
 STALE_SPOOL_SECONDS = 60.0
@@ -53,6 +75,18 @@ class StorageError(Exception):
 
 class ObjectMissing(StorageError):
     """The object is not in the storage."""
+
+
+class ObjectCryptError(GpgError):
+    """The in-process OpenPGP code refused an object (damaged, truncated, or not this
+    cipher's) or could not encrypt one; handled wherever a gpg failure is."""
+
+
+def debug(message: str) -> None:
+    if os.environ.get(DEBUG_VARIABLE):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"annexproxy debug: {message}\n")
+            sys.stderr.flush()
 
 
 # --- spools -----------------------------------------------------------------------------------
@@ -99,7 +133,9 @@ class Spool:
                     ):
                         os.unlink(entry.path)
 
-    def append(self, data: bytes, verifier: _Updatable | None = None) -> None:
+    def append(
+        self, data: bytes | bytearray | memoryview, verifier: _Updatable | None = None
+    ) -> None:
         """Blocking: run it in a worker thread (hashing releases the GIL)."""
         view = memoryview(data)
         while view:
@@ -134,7 +170,7 @@ class Spool:
 
 
 class _Updatable(Protocol):
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
 
 
 # --- encryption -------------------------------------------------------------------------------
@@ -155,6 +191,17 @@ class Encryption:
 
     def decrypt_argv(self) -> Callable[[int | None], list[str]]:
         return lambda fd: self.gpg.decrypt_argv(self.cipher, fd)
+
+    @property
+    def writes_in_process(self) -> bool:
+        """Content is encrypted here, not by gpg: a passphrase, and no gpg options to
+        honour (the admin asked for gpg's behaviour with ``annex-gnupg-options``)."""
+        return not self.cipher.mac_only and not self.gpg.encrypt_options
+
+    @property
+    def reads_in_process(self) -> bool:
+        """Content is decrypted here first (gpg only for what this cannot read)."""
+        return not self.cipher.mac_only and not self.gpg.decrypt_options
 
 
 async def load_encryption(fields: dict[str, str], gpg: Gpg, timeout: float) -> Encryption | None:
@@ -238,10 +285,16 @@ async def write_object(
     plain: AsyncGenerator[bytes, None],
     store: ObjectWriter,
     timeout: float,
+    *,
+    length: int | None = None,
 ) -> None:
-    """Hand ``store`` the object ``target``: ``plain`` itself, or its encryption."""
+    """Hand ``store`` the object ``target``: ``plain`` itself, or its encryption.
+    ``length``, when known, is how long ``plain`` is (then checked)."""
     if enc is None:
         await store(target, plain)
+        return
+    if enc.writes_in_process:
+        await store(target, _sealed(enc, plain, length))
         return
     gpg = await GpgProcess.start(enc.encrypt_argv(), enc.cipher.passphrase, stdin=None,
                                  timeout=timeout)  # fmt: skip
@@ -256,6 +309,27 @@ async def write_object(
         raise first_error(group) from None
     finally:
         await gpg.aclose()
+
+
+async def _sealed(
+    enc: Encryption, plain: AsyncGenerator[bytes, None], length: int | None
+) -> AsyncGenerator[bytes, None]:
+    """The object's bytes, encrypted in worker threads (the cipher releases the GIL). An
+    error raises before the last piece, so ``store`` never finalizes a bad object."""
+    from git_remote_annexproxy.openpgpsym import Encryptor  # noqa: PLC0415 - cryptography
+
+    passphrase = enc.cipher.passphrase
+    assert passphrase is not None
+    encryptor = Encryptor(passphrase, length)
+    try:
+        yield encryptor.start()
+        async with contextlib.aclosing(plain) as it:
+            async for piece in it:
+                if out := await trio.to_thread.run_sync(encryptor.update, piece):
+                    yield out
+        yield encryptor.finish()
+    except OpenPGPError as exc:
+        raise ObjectCryptError(f"cannot encrypt: {exc}") from None
 
 
 async def _feed(gpg: GpgProcess, data: AsyncGenerator[bytes, None]) -> None:
@@ -283,15 +357,46 @@ class ObjectSource(Protocol):
 
 
 async def read_object(
-    enc: Encryption | None, source: ObjectSource, target: Key, annexdir: Path, timeout: float
+    enc: Encryption | None,
+    source: ObjectSource,
+    target: Key,
+    annexdir: Path,
+    timeout: float,
+    *,
+    limit: int | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The plaintext of the stored object ``target``. Holds no nursery across its yields
-    (gpg reads the object from a file), so it is an ordinary async generator."""
+    (gpg reads the object from a file), so it is an ordinary async generator.
+
+    Decrypted in-process, it yields nothing before the whole object is decrypted and its
+    MDC matched; ``limit`` (the most plaintext the object may hold) stops a longer one
+    early. Raises StorageError or GpgError (ObjectCryptError: refused here)."""
     if enc is None:
         async with contextlib.aclosing(source.retrieve(target)) as it:
             async for piece in it:
                 yield piece
         return
+    if enc.reads_in_process:
+        try:
+            plain = await _decrypt(enc, source, target, annexdir, limit)
+        except Unsupported as exc:
+            debug(f"{target}: {exc}: decrypting it with gpg")
+        else:
+            try:
+                async with contextlib.aclosing(plain.pieces()) as it:
+                    async for piece in it:
+                        yield piece
+            finally:
+                plain.close()
+            return
+    async with contextlib.aclosing(_gpg_read(enc, source, target, annexdir, timeout)) as it:
+        async for piece in it:
+            yield piece
+
+
+async def _gpg_read(
+    enc: Encryption, source: ObjectSource, target: Key, annexdir: Path, timeout: float
+) -> AsyncGenerator[bytes, None]:
     fd = await source.open_local(target)
     spool: Spool | None = None
     try:
@@ -319,6 +424,136 @@ async def read_object(
             os.close(fd)
         if spool is not None:
             spool.close()
+
+
+class _Plaintext:
+    """A decrypted object waiting for its MDC: pieces in memory, moved into a spool in
+    ``annexdir/othertmp`` once they pass MEMORY_PLAINTEXT. Written from one worker thread
+    at a time."""
+
+    def __init__(self, annexdir: Path, limit: int | None) -> None:
+        self.annexdir = annexdir
+        self.limit = limit
+        self.size = 0
+        self._memory = bytearray()
+        self._spool: Spool | None = None
+
+    def write(self, piece: bytes | memoryview) -> None:
+        self.size += len(piece)
+        if self.limit is not None and self.size > self.limit:
+            raise StorageError("decrypted object longer than its key says")
+        if self._spool is None and self.size <= MEMORY_PLAINTEXT:
+            self._memory += piece
+            return
+        if self._spool is None:
+            self._spool = Spool.create(self.annexdir)
+            self._spool.append(self._memory)
+            self._memory = bytearray()
+        self._spool.append(piece)
+
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
+        if self._spool is not None:
+            async with contextlib.aclosing(self._spool.read_range(0, self.size)) as it:
+                async for piece in it:
+                    yield piece
+            return
+        for start in range(0, len(self._memory), READ_SIZE):
+            yield bytes(self._memory[start : start + READ_SIZE])
+
+    def close(self) -> None:
+        self._memory = bytearray()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+async def _decrypt(
+    enc: Encryption, source: ObjectSource, target: Key, annexdir: Path, limit: int | None
+) -> _Plaintext:
+    """The object decrypted into a _Plaintext, its MDC checked. Raises Unsupported (ask
+    gpg), ObjectCryptError (refused) or the storage's errors."""
+    from git_remote_annexproxy.openpgpsym import Decryptor  # noqa: PLC0415 - cryptography
+
+    passphrase = enc.cipher.passphrase
+    assert passphrase is not None
+    decryptor = Decryptor(passphrase, derive=derive_key)
+    plain = _Plaintext(annexdir, limit)
+    try:
+        fd = await source.open_local(target)
+        if fd is not None:
+            try:
+                while await trio.to_thread.run_sync(_decrypt_from, fd, decryptor, plain):
+                    pass
+            finally:
+                os.close(fd)
+        else:
+            async with contextlib.aclosing(source.retrieve(target)) as it:
+                async for piece in it:
+                    await trio.to_thread.run_sync(_write_all, decryptor.feed(piece), plain)
+        await trio.to_thread.run_sync(_write_all, decryptor.finish(), plain)
+    except Unsupported:
+        plain.close()
+        raise
+    except OpenPGPError as exc:
+        plain.close()
+        raise ObjectCryptError(f"{target}: {exc}") from None
+    except BaseException:
+        plain.close()
+        raise
+    return plain
+
+
+def _decrypt_from(fd: int, decryptor: Decryptor, plain: _Plaintext) -> bool:
+    """Read and decrypt the next piece of a local object; False at its end."""
+    offset = decryptor.consumed
+    piece = os.pread(fd, READ_SIZE, offset)
+    if not piece:
+        return False
+    _write_all(decryptor.feed(piece), plain)
+    return True
+
+
+def _write_all(pieces: Iterator[bytes | memoryview], plain: _Plaintext) -> None:
+    for piece in pieces:
+        plain.write(piece)
+
+
+# Below this many hashed bytes a second thread costs more than it saves.
+_PARALLEL_S2K = 1 << 20
+
+
+def derive_key(s2k: S2K, passphrase: bytes, size: int) -> bytes:
+    """The S2K key, its hash contexts computed in parallel threads when there are several
+    large ones (gpg's default: SHA-1 and AES-256, 2 x 65 MB hashed; hashlib releases the
+    GIL), for the objects gpg wrote."""
+    contexts = s2k.contexts(size)
+    large = s2k.mode == S2K_ITERATED and decode_count(s2k.coded_count) >= _PARALLEL_S2K
+    if contexts == 1 or not large:
+        return s2k.derive(passphrase, size)
+    digests: list[bytes] = [b""] * contexts
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            digests[i] = s2k.context(passphrase, i)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(1, contexts)]
+    for thread in threads:
+        thread.start()
+    one(0)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return b"".join(digests)[:size]
+
+
+def max_length(key: Key) -> int | None:
+    """The most content the object of ``key`` (a chunk key, or a whole one) can hold."""
+    length = chunks.chunk_length(key)
+    return length if length is not None else key.chunk_size
 
 
 async def read_layout(

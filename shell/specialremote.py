@@ -23,6 +23,7 @@ from git_remote_annexproxy.specialformat import (
     Encryption,
     Spool,
     first_error,
+    max_length,
     object_key,
     plan,
     read_layout,
@@ -33,7 +34,8 @@ from shell.specialstore import ObjectMissing, SpecialStorage, StorageError
 
 __all__ = ["Encryption", "SpecialRemote", "Spool"]
 
-# Chunks encrypted at once when storing: one gpg per core, at most this many.
+# Chunks encrypted at once when storing: one per core (gpg, or a worker thread of the
+# in-process cipher), at most this many.
 STORE_JOBS = min(4, os.cpu_count() or 1)
 
 
@@ -109,9 +111,9 @@ class SpecialRemote:
     async def store(self, key: Key, spool: Spool) -> None:
         """Store the (verified) content in ``spool``: chunk, encrypt, write, then log.
 
-        Chunks are encrypted and written by up to STORE_JOBS tasks at once (gpg is the
-        bottleneck, and one gpg uses one core); the chunk log is written after all of
-        them, so their order does not matter.
+        Chunks are encrypted and written by up to STORE_JOBS tasks at once (encryption
+        is the bottleneck, and each uses one core); the chunk log is written after all
+        of them, so their order does not matter.
         """
         size, pieces = plan(key, spool.size, self.chunk_size)
         targets = [(self.object_key(k), offset, n) for k, offset, n in pieces]
@@ -125,7 +127,7 @@ class SpecialRemote:
         async def worker() -> None:
             for target, offset, n in todo:
                 await write_object(self.encryption, target, spool.read_range(offset, n),
-                                   self.storage.store, self.timeout)  # fmt: skip
+                                   self.storage.store, self.timeout, length=n)  # fmt: skip
                 created.append(target)
 
         try:
@@ -165,4 +167,4 @@ class SpecialRemote:
 
     def _read_object(self, k: Key) -> AsyncGenerator[bytes, None]:
         return read_object(self.encryption, self.storage, self.object_key(k), self.annexdir,
-                           self.timeout)  # fmt: skip
+                           self.timeout, limit=max_length(k))  # fmt: skip

@@ -39,6 +39,7 @@ from git_remote_annexproxy.objectclient import (
 )
 from git_remote_annexproxy.p2pclient import P2PSession
 from git_remote_annexproxy.repologs import parse_remote_log
+from git_remote_annexproxy.specialformat import object_key, plan
 
 KiB = 1024
 # name: (encryption, chunk)
@@ -394,6 +395,94 @@ async def test_client_decrypts_what_git_annex_stored(world: World, name: str) ->
         assert not session.dead
         await session.aclose()
     assert bytes(got) == content
+
+
+# --- in-process OpenPGP on the client ------------------------------------------------------------
+
+PASSPHRASE_REMOTES = ["hychunk", "shchunk", "shflat"]
+# 0 B, 1 B, and a multiple of both chunk sizes (64 KiB and 100 KiB).
+EDGE = {"empty": 0, "one": 1, "multiple": 1600 * KiB}
+
+
+@pytest.fixture
+def client_gpg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The client's gpg (first on PATH): a wrapper logging each run's arguments."""
+    log = tmp_path / "client-gpg.log"
+    log.write_text("")
+    wrapdir = tmp_path / "wrap"
+    wrapdir.mkdir()
+    (wrapdir / "gpg").write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(log))}\n'
+                                 'exec /usr/bin/gpg "$@"\n')  # fmt: skip
+    (wrapdir / "gpg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapdir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def content_runs(log: Path) -> list[str]:
+    """Runs that encrypted or decrypted content (not a hybrid cipher's decryption)."""
+    return [line for line in log.read_text().splitlines() if "--passphrase-fd" in line]
+
+
+def edge_content(size: int) -> bytes:
+    return os.urandom(size) if size > 1 else bytes(os.urandom(8)[:size])
+
+
+@pytest.mark.parametrize("size", sorted(EDGE))
+@pytest.mark.parametrize("name", PASSPHRASE_REMOTES)
+async def test_client_encrypts_without_gpg_and_git_annex_reads(
+    world: World, client_gpg: Path, name: str, size: str
+) -> None:
+    content = edge_content(EDGE[size])
+    if EDGE[size] <= 1:  # one-byte and empty keys recur: remove what earlier tests stored
+        key = make_key(content)
+        world.admin("git", "annex", "drop", "-q", "--force", "--key", str(key),
+                    cwd=world.direct, check=False)  # fmt: skip
+        target = await special_target(world.logs(), world.uuids[name], name)
+        assert target is not None
+        names = {str(object_key(target.encryption, k))
+                 for k, _, _ in plan(key, len(content), target.chunk_size)[1]}  # fmt: skip
+        for path in store_files(world.stores[name]):
+            if path.name in names:
+                path.parent.chmod(0o755)
+                path.unlink()
+    server_runs = world.gpg_log.read_text()
+    key, result = await client_upload(world, name, content)
+    assert result == "stored"
+    assert content_runs(client_gpg) == [] and world.gpg_log.read_text() == server_runs
+    assert direct_get(world, name, key) == content
+
+
+@pytest.mark.parametrize("size", sorted(EDGE))
+@pytest.mark.parametrize("name", PASSPHRASE_REMOTES)
+async def test_client_decrypts_git_annex_objects_without_gpg(
+    world: World, client_gpg: Path, name: str, size: str
+) -> None:
+    content = edge_content(EDGE[size])
+    filename = f"edge-{name}-{size}.bin"
+    (world.direct / filename).write_bytes(content)
+    world.admin("git", "annex", "add", "-q", filename, cwd=world.direct)
+    world.admin("git", "commit", "-q", "-m", filename, cwd=world.direct)
+    key = Key.parse(world.admin("git", "annex", "lookupkey", filename, cwd=world.direct).strip())
+    world.admin("git", "annex", "copy", "-q", "--to", name, filename, cwd=world.direct)
+    world.admin("git", "fetch", "-q", "origin", cwd=world.direct)
+    world.admin("git", "annex", "merge", "-q", cwd=world.direct)
+    world.admin("git", "push", "-q", "origin", "git-annex", cwd=world.direct)
+    world.client_fetch()
+    got = bytearray()
+
+    async def write(piece: bytes) -> None:
+        got.extend(piece)
+
+    async with trio.open_nursery() as nursery:
+        session = await world.session(name, nursery)
+        assert await session.extensions([p2p.EXT_OBJECTS]) == {p2p.EXT_OBJECTS}
+        target = await special_target(world.logs(), world.uuids[name], name)
+        assert target is not None
+        await download_key(session, target, key, logs=world.logs(),
+                           annexdir=world.client / ".git" / "annex", write=write)  # fmt: skip
+        await session.aclose()
+    assert bytes(got) == content
+    assert content_runs(client_gpg) == []
 
 
 # --- the server's checks -----------------------------------------------------------------------

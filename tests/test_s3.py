@@ -575,10 +575,10 @@ def test_proxy_stores_git_annex_reads_and_the_layouts_agree(world: World, name: 
     if REMOTES[name]["encryption"] == "none":
         assert theirs == ours
     else:
-        # Same object names; gpg's output for the same plaintext may differ in length by
-        # a few bytes between runs (its packet framing), so sizes only nearly agree.
+        # Same object names. Sizes only nearly agree: gpg compresses (random content grows
+        # by its deflate and partial-length framing, about 0.25%), our writer does not.
         assert theirs.keys() == ours.keys()
-        assert all(abs(theirs[k] - ours[k]) <= 16 for k in ours), (theirs, ours)
+        assert all(abs(theirs[k] - ours[k]) <= 64 + ours[k] // 200 for k in ours), (theirs, ours)
     prefix = REMOTES[name].get("fileprefix", "")
     assert all(k.startswith(prefix) for k in ours)
     if REMOTES[name]["encryption"] == "none":
