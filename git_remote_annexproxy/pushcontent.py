@@ -27,18 +27,18 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from git_remote_annexproxy import annexcopy
 from git_remote_annexproxy.clientrepo import Fatal, find_clone
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.pktline import FLUSH, PktLineReader
 from git_remote_annexproxy.report import Progress, Report
 
 PUSH_CONTENT = "annexproxy-push-content"
 PUSH_CONTENT_TO = "annexproxy-push-content-to"
-MAX_PKT = 65520
 READ_SIZE = 65536
 ZERO = "0" * 40
 
@@ -50,38 +50,6 @@ class RefUpdate:
     ref: str
 
 
-class PktLines:
-    """Splits a byte stream into pkt-lines: payload bytes, or None for a flush (and the
-    other special packets). Stops (`broken`) at anything that is no pkt-line."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.broken = False
-
-    def feed(self, data: bytes | bytearray) -> Iterator[bytes | None]:
-        if self.broken:
-            return
-        self.buf += data
-        while len(self.buf) >= 4:
-            try:
-                size = int(self.buf[:4], 16)
-            except ValueError:
-                self.broken = True
-                return
-            if size < 4:
-                del self.buf[:4]
-                yield None
-                continue
-            if size > MAX_PKT + 4:
-                self.broken = True
-                return
-            if len(self.buf) < size:
-                return
-            payload = bytes(self.buf[4:size])
-            del self.buf[:size]
-            yield payload
-
-
 @dataclass
 class PushWatch:
     """Watches both directions of one git-receive-pack session."""
@@ -91,19 +59,21 @@ class PushWatch:
     reported_ok: set[str] = field(default_factory=set)
     report_seen: bool = False
     unsupported: str | None = None
-    _out: PktLines = field(default_factory=PktLines)  # git -> server
+    _out: PktLineReader = field(default_factory=PktLineReader)  # git -> server
     _out_done: bool = False
-    _in: PktLines = field(default_factory=PktLines)  # server -> git
+    _in: PktLineReader = field(default_factory=PktLineReader)  # server -> git
     _advertised: bool = False
-    _report: PktLines = field(default_factory=PktLines)  # inside side-band channel 1
+    _report: PktLineReader = field(default_factory=PktLineReader)  # inside side-band channel 1
 
     def from_git(self, data: bytes | bytearray) -> None:
         if self._out_done:
             return  # the pack
         for pkt in self._out.feed(data):
-            if pkt is None:
+            if pkt is FLUSH:
                 self._out_done = True
                 return
+            if not isinstance(pkt, bytes):
+                continue
             line, _, caps = pkt.rstrip(b"\n").partition(b"\0")
             if caps:
                 self.caps = frozenset(caps.decode("utf-8", "replace").split())
@@ -119,19 +89,18 @@ class PushWatch:
     def to_git(self, data: bytes | bytearray) -> None:
         for pkt in self._in.feed(data):
             if not self._advertised:
-                self._advertised = pkt is None
-            elif pkt is None:
+                self._advertised = pkt is FLUSH
+            elif not isinstance(pkt, bytes):
                 continue
             elif "side-band-64k" in self.caps or "side-band" in self.caps:
                 if pkt[:1] == b"\1":
                     for inner in self._report.feed(pkt[1:]):
-                        self._report_line(inner)
+                        if isinstance(inner, bytes):
+                            self._report_line(inner)
             else:
                 self._report_line(pkt)
 
-    def _report_line(self, pkt: bytes | None) -> None:
-        if pkt is None:
-            return
+    def _report_line(self, pkt: bytes) -> None:
         self.report_seen = True
         words = pkt.rstrip(b"\n").decode("utf-8", "surrogateescape").split(" ")
         if words[0] == "ok" and len(words) >= 2:
