@@ -33,6 +33,7 @@ from pathlib import Path
 
 from git_remote_annexproxy import annexcopy
 from git_remote_annexproxy.clientrepo import Fatal, find_clone
+from git_remote_annexproxy.gitconfig import GitConfig, parse_bool
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.pktline import FLUSH, PktLineReader
 from git_remote_annexproxy.report import Progress, Report
@@ -117,9 +118,11 @@ class PushWatch:
         return [c for c in done if c.new.strip("0")]
 
 
-def enabled(config: Mapping[str, str], remote: str) -> bool:
-    value = config.get(f"remote.{remote}.{PUSH_CONTENT}")
-    return value is not None and value.strip().lower() in ("", "true", "yes", "on", "1")
+def enabled(config: GitConfig, remote: str) -> bool:
+    """git's boolean: a value-less key is true, an empty value false; a value git would
+    refuse as a boolean leaves content alone."""
+    key = f"remote.{remote}.{PUSH_CONTENT}"
+    return key in config and parse_bool(config.getraw(key)) is True
 
 
 def pushed_keys(gitdir: Path, updates: Sequence[RefUpdate]) -> dict[Key, list[str]]:
@@ -164,7 +167,7 @@ def _exists(gitdir: Path, sha: str) -> bool:
 
 
 def send_content(
-    remote: str, config: Mapping[str, str], watch: PushWatch, code: int, *, verbose: bool
+    remote: str, config: GitConfig, watch: PushWatch, code: int, *, verbose: bool
 ) -> int:
     """After a push: upload the content of what it updated. 0, or 1 if anything failed;
     everything is said on stderr (stdout is git's)."""
