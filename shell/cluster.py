@@ -30,10 +30,11 @@ from shell.nodelink import (
     Upload,
     make_link,
 )
-from shell.p2pserver import SessionEnd, monotonic_seconds, warn
+from shell.p2pserver import SessionEnd, warn
 from shell.placement import Placement
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
+from shell.service.repository import monotonic_seconds
 
 T = TypeVar("T")
 MAX_VERSION = 4
