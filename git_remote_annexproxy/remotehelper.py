@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 SERVICES = ("git-upload-pack", "git-receive-pack")
 MAX_COMMAND = 4096  # bytes of one helper command line; git's are a few dozen
 IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
-DEFAULT_IDLE_TIMEOUT = 7200.0
 UUID_CONFIG = "annexproxy.uuid"
 # git's configuration for ssh, applied when the environment does not say otherwise.
 SSH_SETTINGS = (("GIT_SSH_COMMAND", "core.sshcommand"), ("GIT_SSH_VARIANT", "ssh.variant"))
@@ -189,11 +188,14 @@ class Helper:
         return env
 
     def idle_timeout(self) -> float:
+        # Imported here: the P2P modules cost tens of milliseconds, and only a tunnel pays.
+        from git_remote_annexproxy import p2p  # noqa: PLC0415
+
         try:
-            value = float(self.config.get(IDLE_TIMEOUT_CONFIG) or DEFAULT_IDLE_TIMEOUT)
+            value = float(self.config.get(IDLE_TIMEOUT_CONFIG) or p2p.DEFAULT_IDLE_TIMEOUT)
         except ValueError:
-            return DEFAULT_IDLE_TIMEOUT
-        return value if math.isfinite(value) and value > 0 else DEFAULT_IDLE_TIMEOUT
+            return p2p.DEFAULT_IDLE_TIMEOUT
+        return value if math.isfinite(value) and value > 0 else p2p.DEFAULT_IDLE_TIMEOUT
 
     def client_uuid(self) -> str:
         """Who we are to the server: this repository's annex.uuid, else our own stable one."""

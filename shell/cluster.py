@@ -37,7 +37,6 @@ from shell.repo import Repo
 from shell.service.repository import monotonic_seconds
 
 T = TypeVar("T")
-MAX_VERSION = 4
 
 
 class GatewaySession(FrontSession):
@@ -143,7 +142,7 @@ class GatewaySession(FrontSession):
         first = await self.event()
         if isinstance(first, p2p.Version):
             # Answered at once: nodes are contacted lazily and may speak older versions.
-            self.version = min(first.n, MAX_VERSION)
+            self.version = min(first.n, p2p.MAX_VERSION)
             await self.send(p2p.Version(self.version))
             if self.version >= 2:
                 first = await self.event()

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import trio
 
-from git_remote_annexproxy import rpc
+from git_remote_annexproxy import p2p, rpc
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import restore_stdio
 from git_remote_annexproxy.rpcmethods import (
@@ -61,7 +61,7 @@ from shell.service.repository import (
 READ_SIZE: Final = 1 << 20
 SEND_PIECE: Final = 1 << 20
 # As P2PChannel's default: a proxy that neither reads nor grants credit this long is gone.
-IDLE_TIMEOUT: Final = 7200.0
+IDLE_TIMEOUT: Final = p2p.DEFAULT_IDLE_TIMEOUT
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 

@@ -19,6 +19,7 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import (
+    DEFAULT_IDLE_TIMEOUT,
     ChannelTimeout,
     P2PChannel,
     restore_stdio,
@@ -37,7 +38,6 @@ from shell.service.repository import (
     Upload,
 )
 
-MAX_VERSION = 4
 SEND_PIECE = 1 << 20
 
 # How long a session waits on a client that sends nothing, or stops reading what we send,
@@ -45,7 +45,6 @@ SEND_PIECE = 1 << 20
 # seconds, read from the repository's config (or the global one) so an admin can shorten
 # it, and tests can use a second or two. A held LOCKCONTENT is bounded by it as well.
 IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
-DEFAULT_IDLE_TIMEOUT = 7200.0
 
 
 class SessionEnd(Exception):
@@ -134,7 +133,7 @@ class PlainSession(ClientFacing):
     async def handle(self, event: p2p.Event) -> None:
         match event:
             case p2p.Version(n):
-                self.version = min(n, MAX_VERSION)
+                self.version = min(n, p2p.MAX_VERSION)
                 await self.send(p2p.Version(self.version))
             case p2p.Bypass():
                 pass  # only gateways act on BYPASS
