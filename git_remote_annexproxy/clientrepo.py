@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from git_remote_annexproxy.gitconfig import GitConfig
+from git_remote_annexproxy.gitconfig import GitConfig, parse_list_z
 
 if TYPE_CHECKING:
     from git_remote_annexproxy.discovery import BranchLogs, RemoteView
@@ -66,12 +66,7 @@ def git_config() -> GitConfig:
     if proc.returncode != 0:
         said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise Fatal(said[-1].removeprefix("fatal: ") if said else "cannot read git config")
-    pairs = []
-    for item in proc.stdout.split(b"\0"):
-        if item:
-            key, newline, value = item.decode("utf-8", "surrogateescape").partition("\n")
-            pairs.append((key, value if newline else "true"))
-    return GitConfig(pairs)
+    return GitConfig(parse_list_z(proc.stdout))
 
 
 def scope(clone: Clone, path: str) -> str:

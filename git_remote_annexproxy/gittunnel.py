@@ -37,7 +37,6 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel, restore_stdio
 
 READ_SIZE = 65536
-MAX_VERSION = 4
 SSH_FAILED = 255  # ssh's own exit status when it could not connect
 EXIT_GRACE = 10.0  # seconds for the session process to exit after we are done
 MAX_HELD_STDERR = 64 * 1024
@@ -199,7 +198,7 @@ class Tunnel:
 async def _handshake(channel: P2PChannel, service: str) -> p2p.Event:
     """Send VERSION and CONNECT; the server's first answer to CONNECT (or the end)."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await channel.send(p2p.Version(MAX_VERSION), p2p.Connect(service))
+        await channel.send(p2p.Version(p2p.MAX_VERSION), p2p.Connect(service))
     first = await channel.next_event()
     if isinstance(first, p2p.ConnectionClosed):
         return first

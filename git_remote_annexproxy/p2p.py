@@ -61,6 +61,7 @@ from .p2pfields import (
     separate,
 )
 from .p2pmessages import (
+    MAX_VERSION,
     SERVICES,
     AlreadyHave,
     AlreadyHavePlus,
@@ -97,7 +98,8 @@ from .p2pmessages import (
 
 # Everything other modules use is named here, wherever it is defined.
 __all__ = [
-    "EXT_INDIRECT", "EXT_OBJECTS", "NEED_DATA", "SERVICES", "AlreadyHave", "AlreadyHavePlus",
+    "DEFAULT_IDLE_TIMEOUT", "EXT_INDIRECT", "EXT_OBJECTS", "MAX_VERSION", "NEED_DATA", "SERVICES",
+    "AlreadyHave", "AlreadyHavePlus",
     "AnnexMessage", "Auth", "AuthFailure", "AuthSuccess", "Body", "BodyEnd", "Bypass", "Changed",
     "CheckObject", "CheckPresent", "Connect", "ConnectDone", "ConnectionClosed", "Data",
     "DataPresent", "Error", "Event", "ExtMessage", "Extensions", "Failure", "FailurePlus", "Get",
@@ -109,6 +111,11 @@ __all__ = [
 ]  # fmt: skip
 
 Message: TypeAlias = AnnexMessage | ExtMessage
+
+#: How long any P2P or node-RPC peer may stay silent (or stop reading) before it is cut
+#: off, unless `annexproxy.idletimeout` says otherwise: two hours, long enough for a slow
+#: client between files, short enough that a slow-loris peer does not hold a lock forever.
+DEFAULT_IDLE_TIMEOUT: Final = 7200.0
 
 
 # --- reader-only events ----------------------------------------------------------------------

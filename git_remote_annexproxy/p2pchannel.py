@@ -17,6 +17,7 @@ import trio
 from git_remote_annexproxy import p2p
 
 READ_SIZE = 1 << 20
+DEFAULT_IDLE_TIMEOUT = p2p.DEFAULT_IDLE_TIMEOUT
 
 
 class ChannelTimeout(Exception):
@@ -29,7 +30,7 @@ class P2PChannel:
         receive: trio.abc.ReceiveStream,
         send: trio.abc.SendStream,
         *,
-        idle_timeout: float = 7200.0,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_line: int = 32768,
     ) -> None:
         self._receive = receive
@@ -89,7 +90,7 @@ class P2PChannel:
                 await stream.aclose()
 
 
-def stdio_channel(*, idle_timeout: float = 7200.0) -> P2PChannel:
+def stdio_channel(*, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> P2PChannel:
     """A channel on this process's stdin/stdout (the ssh session).
 
     FdStream makes the open file description it gets non-blocking. For a pipe that is a

@@ -24,20 +24,15 @@ from collections.abc import Callable
 from typing import Final, TypeVar
 
 from .keys import BadKey, Key
+from .protocolerrors import LocalProtocolError as LocalProtocolError  # noqa: PLC0414 - re-exported
+from .protocolerrors import ProtocolError
+from .protocolerrors import RemoteProtocolError as RemoteProtocolError  # noqa: PLC0414 - re-exported
 
 _M = TypeVar("_M")
 
 
-class P2PProtocolError(Exception):
-    """Base of the codec's errors."""
-
-
-class RemoteProtocolError(P2PProtocolError):
-    """The peer broke the framing (overlong line, bad DATA header): close the connection."""
-
-
-class LocalProtocolError(P2PProtocolError):
-    """We asked to send or do something the protocol cannot express: a bug on our side."""
+# One hierarchy for every codec (protocolerrors.py); P2PProtocolError is its base.
+P2PProtocolError = ProtocolError
 
 
 # Haskell Data.Char.isSpace, on which upstream splits: \t\n\v\f\r, space, U+00A0, category Zs.

@@ -30,6 +30,9 @@ from .p2pfields import (
 )
 
 SERVICES: Final = frozenset({"git-upload-pack", "git-receive-pack"})
+
+#: The highest protocol version git-annex 10.20261026 speaks, and so do we, on every side.
+MAX_VERSION: Final = 4
 _AUTH_TOKEN_RE: Final = re.compile("[A-Za-z0-9]*")
 
 

@@ -26,7 +26,7 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import ChannelTimeout, P2PChannel
 
-MAX_VERSION = 4
+MAX_VERSION = p2p.MAX_VERSION
 CLOSE_GRACE = 5.0  # seconds a healthy peer gets to exit after we close its stdin
 
 _T = TypeVar("_T")

@@ -30,8 +30,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from fractions import Fraction
 
+from git_remote_annexproxy import maplog, repologs
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.preferred_values import Glob, read_int, read_size, split_words
 from git_remote_annexproxy.reposize import RepoSizes, balanced_pick, emptiest, with_space
@@ -780,75 +780,31 @@ STANDARD_GROUPS: Mapping[str, str] = {
 
 # --- the policy recorded in the git-annex branch --------------------------------------------------
 
-# A vector clock; Unknown (no timestamp) is older than every timestamp.
-_Clock = tuple[int, Fraction]
-_UNKNOWN: _Clock = (0, Fraction(0))
-_CLOCK = re.compile(r"([+-]?[0-9]+)(?:\.([0-9]+))?s?")
-
-
-def _parse_clock(s: str) -> _Clock | None:
-    m = _CLOCK.fullmatch(s)
-    if m is None:
-        return None
-    whole, frac = int(m.group(1)), m.group(2) or "0"
-    # mkPOSIXTime: the fraction moves away from zero only when the integer part is negative
-    # ("-0.5" is +0.5), and is floored to the picoseconds of NominalDiffTime.
-    part = Fraction(int(frac) * 10**12 // 10 ** len(frac), 10**12)
-    return (1, whole - part if whole < 0 else whole + part)
-
-
-def _lines(text: str) -> list[str]:
-    return [ln for ln in re.split(r"[\r\n]+", text) if ln]
-
-
-def _newest(entries: list[tuple[str, _Clock, str]]) -> dict[str, str]:
-    # fromListWith best: the greatest clock wins, a later line wins a tie.
-    best: dict[str, tuple[_Clock, str]] = {}
-    for k, clock, v in entries:
-        if k not in best or not best[k][0] > clock:
-            best[k] = (clock, v)
-    return {k: v for k, (_, v) in best.items()}
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def parse_old_log(text: str) -> dict[str, str]:
-    """``UUID VALUE[ timestamp=T]`` lines (parseLogOld): value is everything between the UUID
-    and a final ``timestamp=`` word that parses; newest line per UUID wins."""
-    entries = []
-    for line in _lines(text):
-        uuid = line.split(" ", 1)[0]
-        if not uuid:
-            continue
-        rest = line[len(uuid) :]
-        value, clock = rest[1:], _UNKNOWN
-        i = rest.rfind(" ")
-        if i >= 0 and rest[i + 1 :].startswith("timestamp="):
-            parsed = _parse_clock(rest[i + 1 + len("timestamp=") :])
-            if parsed is not None:
-                value, clock = rest[1:i] if i > 0 else "", parsed
-        entries.append((uuid, clock, value))
-    return _newest(entries)
+    """``UUID VALUE[ timestamp=T]`` lines (parseLogOld), newest per UUID (maplog.py)."""
+    return maplog.parse_old(_bytes(text), maplog.text_value)
 
 
 def parse_map_log(text: str) -> dict[str, str]:
-    """``T FIELD VALUE`` lines (parseMapLog); lines that do not parse are skipped."""
-    entries = []
-    for line in _lines(text):
-        parts = line.split(" ", 2)
-        clock = _parse_clock(parts[0])
-        if len(parts) == 3 and clock is not None:
-            entries.append((parts[1], clock, parts[2]))
-    return _newest(entries)
+    """``T FIELD VALUE`` lines (parseMapLog), newest per field (maplog.py)."""
+    return maplog.parse_new(_bytes(text), maplog.text_value)
 
 
-# Logs/Trust/Basic.hs: one character per repository; anything else is semitrusted.
-_TRUST_CHARS = {"1": TrustLevel.TRUSTED, "0": TrustLevel.UNTRUSTED, "X": TrustLevel.DEAD}
+_TRUST_CHARS = {
+    repologs.Trust.TRUSTED: TrustLevel.TRUSTED,
+    repologs.Trust.UNTRUSTED: TrustLevel.UNTRUSTED,
+    repologs.Trust.DEAD: TrustLevel.DEAD,
+}
 
 
 def parse_trust_log(text: str) -> dict[str, TrustLevel]:
-    """``trust.log`` (``UUID LEVEL timestamp=T`` lines, newest per UUID): the repositories
-    whose level is not semitrusted."""
-    newest = parse_old_log(text)
-    return {u: _TRUST_CHARS[v.strip()] for u, v in newest.items() if v.strip() in _TRUST_CHARS}
+    """``trust.log`` as repologs reads it: the repositories whose level is not semitrusted."""
+    levels = repologs.parse_trust_log(_bytes(text))
+    return {u: _TRUST_CHARS[v] for u, v in levels.items() if v in _TRUST_CHARS}
 
 
 @dataclass(frozen=True)
@@ -875,9 +831,7 @@ class RepoPolicy:
     ) -> RepoPolicy:
         """From the contents of ``preferred-content.log``, ``group.log``,
         ``group-preferred-content.log``, ``required-content.log`` and ``trust.log``."""
-        groups = {
-            u: frozenset(g for g in v.split(" ") if g) for u, v in parse_old_log(group).items()
-        }
+        groups = maplog.parse_old(_bytes(group), maplog.loose_word_set)
         return cls(
             preferred=parse_old_log(preferred_content),
             required=parse_old_log(required_content),

@@ -27,18 +27,19 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from git_remote_annexproxy import annexcopy
 from git_remote_annexproxy.clientrepo import Fatal, find_clone
+from git_remote_annexproxy.gitconfig import GitConfig, parse_bool
 from git_remote_annexproxy.keys import Key
+from git_remote_annexproxy.pktline import FLUSH, PktLineReader
 from git_remote_annexproxy.report import Progress, Report
 
 PUSH_CONTENT = "annexproxy-push-content"
 PUSH_CONTENT_TO = "annexproxy-push-content-to"
-MAX_PKT = 65520
 READ_SIZE = 65536
 ZERO = "0" * 40
 
@@ -50,38 +51,6 @@ class RefUpdate:
     ref: str
 
 
-class PktLines:
-    """Splits a byte stream into pkt-lines: payload bytes, or None for a flush (and the
-    other special packets). Stops (`broken`) at anything that is no pkt-line."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.broken = False
-
-    def feed(self, data: bytes | bytearray) -> Iterator[bytes | None]:
-        if self.broken:
-            return
-        self.buf += data
-        while len(self.buf) >= 4:
-            try:
-                size = int(self.buf[:4], 16)
-            except ValueError:
-                self.broken = True
-                return
-            if size < 4:
-                del self.buf[:4]
-                yield None
-                continue
-            if size > MAX_PKT + 4:
-                self.broken = True
-                return
-            if len(self.buf) < size:
-                return
-            payload = bytes(self.buf[4:size])
-            del self.buf[:size]
-            yield payload
-
-
 @dataclass
 class PushWatch:
     """Watches both directions of one git-receive-pack session."""
@@ -91,19 +60,21 @@ class PushWatch:
     reported_ok: set[str] = field(default_factory=set)
     report_seen: bool = False
     unsupported: str | None = None
-    _out: PktLines = field(default_factory=PktLines)  # git -> server
+    _out: PktLineReader = field(default_factory=PktLineReader)  # git -> server
     _out_done: bool = False
-    _in: PktLines = field(default_factory=PktLines)  # server -> git
+    _in: PktLineReader = field(default_factory=PktLineReader)  # server -> git
     _advertised: bool = False
-    _report: PktLines = field(default_factory=PktLines)  # inside side-band channel 1
+    _report: PktLineReader = field(default_factory=PktLineReader)  # inside side-band channel 1
 
     def from_git(self, data: bytes | bytearray) -> None:
         if self._out_done:
             return  # the pack
         for pkt in self._out.feed(data):
-            if pkt is None:
+            if pkt is FLUSH:
                 self._out_done = True
                 return
+            if not isinstance(pkt, bytes):
+                continue
             line, _, caps = pkt.rstrip(b"\n").partition(b"\0")
             if caps:
                 self.caps = frozenset(caps.decode("utf-8", "replace").split())
@@ -119,19 +90,18 @@ class PushWatch:
     def to_git(self, data: bytes | bytearray) -> None:
         for pkt in self._in.feed(data):
             if not self._advertised:
-                self._advertised = pkt is None
-            elif pkt is None:
+                self._advertised = pkt is FLUSH
+            elif not isinstance(pkt, bytes):
                 continue
             elif "side-band-64k" in self.caps or "side-band" in self.caps:
                 if pkt[:1] == b"\1":
                     for inner in self._report.feed(pkt[1:]):
-                        self._report_line(inner)
+                        if isinstance(inner, bytes):
+                            self._report_line(inner)
             else:
                 self._report_line(pkt)
 
-    def _report_line(self, pkt: bytes | None) -> None:
-        if pkt is None:
-            return
+    def _report_line(self, pkt: bytes) -> None:
         self.report_seen = True
         words = pkt.rstrip(b"\n").decode("utf-8", "surrogateescape").split(" ")
         if words[0] == "ok" and len(words) >= 2:
@@ -148,9 +118,11 @@ class PushWatch:
         return [c for c in done if c.new.strip("0")]
 
 
-def enabled(config: Mapping[str, str], remote: str) -> bool:
-    value = config.get(f"remote.{remote}.{PUSH_CONTENT}")
-    return value is not None and value.strip().lower() in ("", "true", "yes", "on", "1")
+def enabled(config: GitConfig, remote: str) -> bool:
+    """git's boolean: a value-less key is true, an empty value false; a value git would
+    refuse as a boolean leaves content alone."""
+    key = f"remote.{remote}.{PUSH_CONTENT}"
+    return key in config and parse_bool(config.getraw(key)) is True
 
 
 def pushed_keys(gitdir: Path, updates: Sequence[RefUpdate]) -> dict[Key, list[str]]:
@@ -195,7 +167,7 @@ def _exists(gitdir: Path, sha: str) -> bool:
 
 
 def send_content(
-    remote: str, config: Mapping[str, str], watch: PushWatch, code: int, *, verbose: bool
+    remote: str, config: GitConfig, watch: PushWatch, code: int, *, verbose: bool
 ) -> int:
     """After a push: upload the content of what it updated. 0, or 1 if anything failed;
     everything is said on stderr (stdout is git's)."""

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from git_remote_annexproxy import urls
+from git_remote_annexproxy.gitconfig import GitConfig, parse_list_z
 from git_remote_annexproxy.gitenv import without_local_repo
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 SERVICES = ("git-upload-pack", "git-receive-pack")
 MAX_COMMAND = 4096  # bytes of one helper command line; git's are a few dozen
 IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
-DEFAULT_IDLE_TIMEOUT = 7200.0
 UUID_CONFIG = "annexproxy.uuid"
 # git's configuration for ssh, applied when the environment does not say otherwise.
 SSH_SETTINGS = (("GIT_SSH_COMMAND", "core.sshcommand"), ("GIT_SSH_VARIANT", "ssh.variant"))
@@ -179,29 +179,34 @@ class Helper:
         ssh settings git would use, and GIT_PROTOCOL as git would send it."""
         env = without_local_repo(self.env)
         for variable, key in SSH_SETTINGS:
-            if not env.get(variable) and self.config.get(key):
-                env[variable] = self.config[key]
+            value = self.config.get(key)
+            if not env.get(variable) and value:
+                env[variable] = value
         protocol = git_protocol(service, self.config.get("protocol.version"))
         if protocol and not env.get("GIT_PROTOCOL"):
             env["GIT_PROTOCOL"] = protocol
         return env
 
     def idle_timeout(self) -> float:
+        # Imported here: the P2P modules cost tens of milliseconds, and only a tunnel pays.
+        from git_remote_annexproxy import p2p  # noqa: PLC0415
+
         try:
-            value = float(self.config.get(IDLE_TIMEOUT_CONFIG, DEFAULT_IDLE_TIMEOUT))
+            value = float(self.config.get(IDLE_TIMEOUT_CONFIG) or p2p.DEFAULT_IDLE_TIMEOUT)
         except ValueError:
-            return DEFAULT_IDLE_TIMEOUT
-        return value if math.isfinite(value) and value > 0 else DEFAULT_IDLE_TIMEOUT
+            return p2p.DEFAULT_IDLE_TIMEOUT
+        return value if math.isfinite(value) and value > 0 else p2p.DEFAULT_IDLE_TIMEOUT
 
     def client_uuid(self) -> str:
         """Who we are to the server: this repository's annex.uuid, else our own stable one."""
         for key in ("annex.uuid", UUID_CONFIG):
-            if self.config.get(key):
-                return self.config[key]
+            known = self.config.get(key)
+            if known:
+                return known
         value = str(uuidlib.uuid4())
         if self.in_repo:
             set_config(self.env, UUID_CONFIG, value)
-            self.config[UUID_CONFIG] = value
+            self.config.set(UUID_CONFIG, value)
         return value
 
     def remember_annexurl(self) -> None:
@@ -227,7 +232,7 @@ def git_protocol(service: str, configured: str | None) -> str | None:
     return None
 
 
-def read_config(env: Mapping[str, str]) -> dict[str, str]:
+def read_config(env: Mapping[str, str]) -> GitConfig:
     """All of git's configuration as git sees it here (repository, global, `-c`)."""
     try:
         result = subprocess.run(
@@ -239,13 +244,7 @@ def read_config(env: Mapping[str, str]) -> dict[str, str]:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Fatal(f"cannot read git config: {exc}") from None
-    config: dict[str, str] = {}
-    for entry in result.stdout.split(b"\0"):
-        key, _, value = entry.partition(b"\n")
-        if key:
-            # The last value wins, as with `git config --get`.
-            config[os.fsdecode(key)] = os.fsdecode(value)
-    return config
+    return GitConfig(parse_list_z(result.stdout))
 
 
 def set_config(env: Mapping[str, str], key: str, value: str) -> None:
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             remote, url = args
         elif len(args) == 1:
             remote = args[0]
-            url = read_config(os.environ).get(f"remote.{remote}.url", "")
+            url = read_config(os.environ).get(f"remote.{remote}.url") or ""
         else:
             raise Fatal("usage: git-remote-annexproxy REMOTE [URL]")
         return Helper(remote, url, os.environ).serve()

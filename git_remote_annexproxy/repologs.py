@@ -1,55 +1,27 @@
 """git-annex branch logs about repositories (not keys): proxy.log, cluster.log, trust.log,
 remote.log, maxsize.log.
 
-Pure module. Two line layouts exist (proxy-and-cluster.md §1): the old one,
-`UUID VALUE timestamp=Ts`, and the new one, `Ts UUID VALUE`. After a union merge a file may
-hold several lines for one UUID; the line with the greatest timestamp wins (the first one
-on a tie, as git-annex's Map-based readers keep).
+Pure module. The line layouts, and which line wins when a union merge leaves several for
+one UUID, are maplog.py's: each log here only adds git-annex's parser for its values (a
+line whose value does not parse is skipped before the newest one is chosen).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from git_remote_annexproxy.annexlog import VectorClock, is_cluster_uuid
-
-
-def _dec(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
-
-
-def _newest(entries: dict[str, tuple[VectorClock, str]], uuid: str, clock: VectorClock,
-            value: str) -> None:
-    old = entries.get(uuid)
-    if old is None or clock > old[0]:
-        entries[uuid] = (clock, value)
+from git_remote_annexproxy import maplog
+from git_remote_annexproxy.annexlog import is_cluster_uuid
 
 
 def parse_old_layout(data: bytes) -> dict[str, str]:
-    """`UUID VALUE timestamp=Ts` lines -> {uuid: value}, newest per uuid."""
-    entries: dict[str, tuple[VectorClock, str]] = {}
-    for raw in data.splitlines():
-        uuid, _, rest = raw.strip().partition(b" ")
-        value, _, stamp = rest.rpartition(b" ")
-        if not uuid or not stamp.startswith(b"timestamp="):
-            continue
-        clock = VectorClock.parse(stamp[len(b"timestamp=") :])
-        if clock is not None:
-            _newest(entries, _dec(uuid), clock, _dec(value))
-    return {u: v for u, (_, v) in entries.items()}
+    """`UUID VALUE timestamp=Ts` lines -> {uuid: value}, newest per uuid (maplog's rules)."""
+    return maplog.parse_old(data, maplog.text_value)
 
 
 def parse_new_layout(data: bytes) -> dict[str, str]:
-    """`Ts UUID VALUE` lines -> {uuid: value}, newest per uuid."""
-    entries: dict[str, tuple[VectorClock, str]] = {}
-    for raw in data.splitlines():
-        parts = raw.strip().split(b" ", 2)
-        if len(parts) < 2:
-            continue
-        clock = VectorClock.parse(parts[0])
-        if clock is not None and parts[1]:
-            _newest(entries, _dec(parts[1]), clock, _dec(parts[2]) if len(parts) > 2 else "")
-    return {u: v for u, (_, v) in entries.items()}
+    """`Ts UUID VALUE` lines -> {uuid: value}, newest per uuid (maplog's rules)."""
+    return maplog.parse_new(data, maplog.text_value)
 
 
 def legal_remote_name(name: str) -> bool:
@@ -59,24 +31,34 @@ def legal_remote_name(name: str) -> bool:
     return not any(c in name for c in " \t\n:~^?*[\\") and ".." not in name and "/" not in name
 
 
+def _proxy_list(raw: bytes) -> list[tuple[str, str]] | None:
+    """parseProxyList: `UUID:NAME` words; a word without both parts spoils the line."""
+    words = maplog.word_set(raw)
+    if words is None:
+        return None
+    out = []
+    for word in sorted(words):
+        uuid, sep, name = word.partition(":")
+        if not (sep and uuid and name):
+            return None
+        out.append((uuid, name))
+    return out
+
+
 def parse_proxy_log(data: bytes) -> dict[str, dict[str, str]]:
-    """proxy.log -> {proxy uuid: {proxied uuid: remote name}}."""
-    proxies: dict[str, dict[str, str]] = {}
-    for proxy, value in parse_new_layout(data).items():
-        proxied: dict[str, str] = {}
-        for item in value.split():
-            uuid, sep, name = item.partition(":")
-            if sep and uuid and legal_remote_name(name):
-                proxied[uuid] = name
-        proxies[proxy] = proxied
-    return proxies
+    """proxy.log -> {proxy uuid: {proxied uuid: remote name}}; entries whose name git would
+    not accept as a remote name are dropped (validateProxies)."""
+    return {
+        proxy: {uuid: name for uuid, name in items if legal_remote_name(name)}
+        for proxy, items in maplog.parse_new(data, _proxy_list).items()
+    }
 
 
 def parse_cluster_log(data: bytes) -> dict[str, frozenset[str]]:
     """cluster.log -> {cluster uuid: node uuids}; only real cluster UUIDs are kept."""
     return {
-        cluster: frozenset(value.split())
-        for cluster, value in parse_new_layout(data).items()
+        cluster: nodes
+        for cluster, nodes in maplog.parse_new(data, maplog.word_set).items()
         if is_cluster_uuid(cluster)
     }
 
@@ -89,9 +71,20 @@ class Trust:
     SEMITRUSTED = "?"
 
 
+def _trust_level(raw: bytes) -> str | None:
+    """trustLevelParser: one character (1, 0, X; any other is semitrusted), or nothing at
+    all, which old git-annex wrote for a trusted repository."""
+    if not raw:
+        return Trust.TRUSTED
+    if len(raw) != 1:
+        return None
+    level = raw.decode("latin-1")
+    return level if level in (Trust.TRUSTED, Trust.UNTRUSTED, Trust.DEAD) else Trust.SEMITRUSTED
+
+
 def parse_trust_log(data: bytes) -> dict[str, str]:
     """trust.log -> {uuid: level}, level one of Trust's values."""
-    return {u: v.strip() for u, v in parse_old_layout(data).items()}
+    return maplog.parse_old(data, _trust_level)
 
 
 def dead_uuids(trust_log: bytes) -> frozenset[str]:
@@ -112,10 +105,5 @@ def parse_remote_log(data: bytes) -> dict[str, dict[str, str]]:
 
 
 def parse_maxsize_log(data: bytes) -> dict[str, int]:
-    """maxsize.log -> {uuid: bytes}."""
-    out: dict[str, int] = {}
-    for uuid, value in parse_new_layout(data).items():
-        size = value.strip()
-        if size.isascii() and size.isdigit():
-            out[uuid] = int(size)
-    return out
+    """maxsize.log -> {uuid: bytes} (parseMaxSize: `readish` of the value)."""
+    return maplog.parse_new(data, maplog.readish_int)

@@ -20,6 +20,11 @@ from typing import Final
 
 import msgpack
 
+# The one hierarchy of every codec, re-exported as the RPC's own names.
+from git_remote_annexproxy.protocolerrors import LocalProtocolError as LocalProtocolError  # noqa: PLC0414 - re-exported
+from git_remote_annexproxy.protocolerrors import ProtocolError as ProtocolError  # noqa: PLC0414 - re-exported
+from git_remote_annexproxy.protocolerrors import RemoteProtocolError as RemoteProtocolError  # noqa: PLC0414 - re-exported
+
 MAX_CHUNK: Final = 256 << 10  # bytes in one bin: a body chunk
 MAX_STR: Final = 8192  # bytes in one str: a key may be this long (keys.MAX_KEY_LENGTH)
 MAX_ITEMS: Final = 1024  # values in one frame, nested ones included (rpcmethods.MAX_BATCH + slack)
@@ -27,16 +32,6 @@ MAX_FRAME: Final = 4 << 20  # bytes in one frame: MAX_BATCH keys of MAX_STR (2.1
 _FEED: Final = 64 << 10  # bytes handed to the Unpacker at a time
 
 
-class ProtocolError(Exception):
-    """Base of the codec's errors."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol; the connection is unusable (fail all its calls)."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We asked for something the protocol does not allow: a bug on our side."""
 
 
 class NeedData(enum.Enum):

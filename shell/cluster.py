@@ -30,13 +30,13 @@ from shell.nodelink import (
     Upload,
     make_link,
 )
-from shell.p2pserver import SessionEnd, monotonic_seconds, warn
+from shell.p2pserver import SessionEnd, warn
 from shell.placement import Placement
 from shell.proxyselect import Remote, Target
 from shell.repo import Repo
+from shell.service.repository import monotonic_seconds
 
 T = TypeVar("T")
-MAX_VERSION = 4
 
 
 class GatewaySession(FrontSession):
@@ -142,7 +142,7 @@ class GatewaySession(FrontSession):
         first = await self.event()
         if isinstance(first, p2p.Version):
             # Answered at once: nodes are contacted lazily and may speak older versions.
-            self.version = min(first.n, MAX_VERSION)
+            self.version = min(first.n, p2p.MAX_VERSION)
             await self.send(p2p.Version(self.version))
             if self.version >= 2:
                 first = await self.event()

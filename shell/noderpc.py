@@ -28,14 +28,13 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import trio
 
 from git_remote_annexproxy import rpc
-from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import restore_stdio
 from git_remote_annexproxy.rpcmethods import (
@@ -51,11 +50,20 @@ from git_remote_annexproxy.rpcmethods import (
     TransferInProgressError,
     VerifyFailedError,
 )
-from git_remote_annexproxy.store import AnnexStore, ContentLocked, Receive, TransferInProgress
-from shell import restrict
-from shell.p2pserver import idle_timeout, monotonic_seconds, warn
+from shell.p2pserver import idle_timeout, warn
 from shell.repo import Repo
 from shell.rpclink import LinkBroken, Outbox, PeerGone
+from shell.service.repository import (
+    ContentLocked,
+    Download,
+    Hold,
+    NotPresent,
+    Refused,
+    RemoveOutcome,
+    RepositoryService,
+    TransferInProgress,
+    Upload,
+)
 
 READ_SIZE: Final = 1 << 20
 SEND_PIECE: Final = 1 << 20
@@ -69,19 +77,9 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 @dataclass(eq=False)
 class _Upload:
-    key: Key
-    receive: Receive
-    stack: ExitStack  # the Receive and its transfer record
-    written: int = 0  # bytes written by this upload (after the resume offset)
+    upload: Upload
     ended: bool = False
     error: RpcError | None = None
-
-
-def _expected_size(key: Key) -> int | None:
-    # A chunk key's size is the whole object's; its own length is left to the verifier.
-    if key.chunk_size is not None or key.chunk_num is not None:
-        return None
-    return key.size
 
 
 class NodeWorker:
@@ -94,12 +92,8 @@ class NodeWorker:
         send: trio.abc.SendStream,
         receive: trio.abc.ReceiveStream,
     ) -> None:
-        assert repo.uuid is not None
-        self.uuid: str = repo.uuid
-        self.client_uuid = client_uuid
-        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
-        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
-        self.mode = restrict.server_mode()
+        self.service = RepositoryService(repo, client_uuid=client_uuid)
+        self.uuid = self.service.uuid
         self.idle = idle_timeout(repo)
         self.conn = rpc.RpcConnection("server")
         self.outbox = Outbox(send, timeout=self.idle)
@@ -107,7 +101,7 @@ class NodeWorker:
         self.last_input = trio.current_time()
         self.failure: str | None = None  # why the link ended badly, for stderr
         self.gone = False  # the proxy went away mid-exchange: exit 1, quietly (as p2pstdio)
-        self.locks: dict[int, tuple[Key, ExitStack, float]] = {}  # id -> key, hold, since
+        self.locks: dict[int, tuple[Hold, float]] = {}  # id -> hold, since
         self.next_lock = 1
         self.uploads: dict[int, _Upload] = {}  # by stream id (= the put_begin request id)
         self.credit: dict[int, trio.Event] = {}  # download stream -> wakeup on credit/cancel
@@ -156,7 +150,7 @@ class NodeWorker:
         while True:
             moved = max(self.last_input, self.outbox.last_progress)
             deadline = moved + self.idle
-            oldest = min((since for _, _, since in self.locks.values()), default=None)
+            oldest = min((since for _, since in self.locks.values()), default=None)
             if oldest is not None and oldest + self.idle < deadline:
                 deadline = oldest + self.idle
             if trio.current_time() >= deadline:
@@ -225,13 +219,13 @@ class NodeWorker:
 
     def close(self) -> None:
         """After the link, however it ended: release, keep what must be kept, commit."""
-        for _, stack, _ in self.locks.values():
-            stack.close()  # the retention file stays: a drop proof may rely on it
-        for upload in self.uploads.values():
-            upload.stack.close()  # the partial stays for a resumed upload
+        for hold, _ in self.locks.values():
+            hold.abandon()  # the retention file stays: a drop proof may rely on it
+        for pending in self.uploads.values():
+            pending.upload.keep()  # the partial stays for a resumed upload
         self.locks.clear()
         self.uploads.clear()
-        self.branch.commit()
+        self.service.commit()
 
     # -- methods ---------------------------------------------------------------------------
 
@@ -239,138 +233,107 @@ class NodeWorker:
         return {"uuid": self.uuid, "kind": "repo"}
 
     def timestamp(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
-        return {"ts": monotonic_seconds()}
+        return {"ts": self.service.timestamp()}
 
     def checkpresent(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
-        return {"present": [self.store.has(Key.parse(k)) for k in params["keys"]]}
+        return {"present": [self.service.has(Key.parse(k)) for k in params["keys"]]}
 
     def lock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
         key = Key.parse(params["key"])
         if len(self.locks) >= MAX_LOCKS:
             raise CallProtocolError(f"already {MAX_LOCKS} locks held on this link")
-        stack = ExitStack()
         try:
-            stack.enter_context(self.store.lock_shared(key))
-            self.store.write_retention(key)
+            hold = self.service.hold(key)
         except ContentLocked:
-            stack.close()
             raise LockedError("content is locked") from None
-        except FileNotFoundError:
-            stack.close()
+        except NotPresent:
             raise NotFoundError("content not present") from None
-        except BaseException:
-            stack.close()
-            raise
         lock_id, self.next_lock = self.next_lock, self.next_lock + 1
-        self.locks[lock_id] = (key, stack, trio.current_time())
+        self.locks[lock_id] = (hold, trio.current_time())
         return {"lock": lock_id}
 
     def unlock(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
         held = self.locks.pop(params["lock"], None)
         if held is None:
             raise NotFoundError(f"no lock {params['lock']}")
-        key, stack, _ = held
-        with stack:
-            self.store.clear_retention(key)
+        held[0].release()
         return {}
 
     def remove(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
-        if self.mode == restrict.Mode.READONLY:
-            raise ReadOnlyError(restrict.READONLY_DENIED)
-        if self.mode == restrict.Mode.APPENDONLY:
-            raise AppendOnlyError(restrict.APPENDONLY_DENIED)
-        key, before = Key.parse(params["key"]), params["before"]
-        if not self.store.has(key):
-            return {}
-
-        # Checked again with the content lock held, so the deadline holds at the removal.
-        def in_time() -> bool:
-            return before is None or monotonic_seconds() < before
-
-        if not in_time():
-            raise LockedError("the removal deadline has passed")
         try:
-            gone = self.store.remove(key, proceed=in_time)
-        except ContentLocked as exc:
+            outcome = self.service.remove(Key.parse(params["key"]), before=params["before"])
+        except Refused as refused:
+            raise _refusal(refused) from None
+        if outcome == RemoveOutcome.LOCKED:
             warn("  content is locked")
-            raise LockedError(str(exc)) from None
-        if not gone:
+            raise LockedError("content is locked")
+        if outcome == RemoveOutcome.TOO_LATE:
             # There is no FAILURE without a reason in the RPC; to the proxy this is the same
             # "not removed now, maybe later" as a lock.
             raise LockedError("the removal deadline has passed")
-        self.branch.log_presence(key, self.uuid, present=False)
         return {}
 
     def put_begin(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
-        if self.mode == restrict.Mode.READONLY:
-            raise ReadOnlyError(restrict.READONLY_DENIED)
         key = Key.parse(params["key"])
-        if self.store.has(key):
-            return {"offset": None}
-        self._check_streams()
-        stack = ExitStack()
         try:
-            receive = stack.enter_context(self.store.begin_receive(key))
-            if self.client_uuid is not None:
-                stack.enter_context(
-                    self.store.transfer("download", self.client_uuid, key, params["af"])
-                )
+            self.service.check_write(removal=False)
+            if self.service.has(key):
+                return {"offset": None}
+            self._check_streams()  # an ALREADY-HAVE opens no stream; an upload does
+            upload = self.service.begin_put(key, params["af"])
+        except Refused as refused:
+            raise _refusal(refused) from None
         except TransferInProgress:
-            stack.close()
             raise TransferInProgressError(
                 "transfer already in progress, or unable to take transfer lock"
             ) from None
-        except BaseException:
-            stack.close()
-            raise
-        self.uploads[rid] = _Upload(key, receive, stack)
-        return {"offset": receive.offset}
+        if upload is None:
+            return {"offset": None}
+        self.uploads[rid] = _Upload(upload)
+        return {"offset": upload.offset}
 
     def _body(self, chunk: rpc.BodyChunk) -> None:
-        upload = self.uploads.get(chunk.stream_id)
-        if upload is not None and not upload.ended and upload.error is None and chunk.data:
+        pending = self.uploads.get(chunk.stream_id)
+        if pending is not None and not pending.ended and pending.error is None and chunk.data:
             try:
-                upload.receive.write(chunk.data)
-                upload.written += len(chunk.data)
+                pending.upload.write(chunk.data)
             except OSError as exc:
                 # The store has already kept (ENOSPC) or dropped (EIO) the partial; ask the
                 # proxy to stop sending, and tell it why at put_finish.
                 if exc.errno == errno.EFBIG:
-                    upload.error = VerifyFailedError("more data than the key's size")
+                    pending.error = VerifyFailedError("more data than the key's size")
                 else:
                     warn(f"  cannot store content: {exc.strerror or exc}")
-                    upload.error = StorageIOError(f"cannot store content: {exc.strerror or exc}")
+                    pending.error = StorageIOError(f"cannot store content: {exc.strerror or exc}")
                 self.outbox.write(self.conn.cancel(chunk.stream_id))
-        if upload is not None and chunk.end:
-            upload.ended = True
+        if pending is not None and chunk.end:
+            pending.ended = True
         self.outbox.write(self.conn.consumed(chunk.stream_id, len(chunk.data)))
 
     def put_finish(self, rid: int, params: dict[str, Any]) -> dict[str, Any]:
-        upload = self.uploads.pop(params["upload"], None)
-        if upload is None:
+        pending = self.uploads.pop(params["upload"], None)
+        if pending is None:
             raise CallProtocolError(f"no upload {params['upload']} in progress")
-        with upload.stack:
-            if not upload.ended:
+        upload = pending.upload
+        try:
+            if not pending.ended:
                 raise CallProtocolError("put_finish before the end of the upload's body")
-            if upload.error is not None:
-                raise upload.error
-            if not params["valid"]:
-                # The sender says the content changed while it was sent: what this upload
-                # wrote is suspect. An empty upload (nothing sent) leaves the partial alone.
-                if upload.written:
-                    upload.receive.discard()
-                raise VerifyFailedError("the sender reported the content as invalid")
-            expected = _expected_size(upload.key)
-            if expected is not None and upload.receive.size < expected:
+            if pending.error is not None:
+                raise pending.error
+            if not upload.complete:
                 raise StorageIOError(
-                    f"upload ended at {upload.receive.size} of {expected} bytes; "
+                    f"upload ended at {upload.receive.size} of "
+                    f"{self.service.expected_size(upload.key)} bytes; "
                     "the partial is kept for a resume"
                 )
-            if not upload.receive.finish():
+            valid = bool(params["valid"])
+            if not upload.finish(valid=valid):
+                if not valid and not upload.written:
+                    raise VerifyFailedError("the sender reported the content as invalid")
                 warn("  Verification of content failed")
                 raise VerifyFailedError("verification of content failed")
-        # Only now, with the object durable on disk, is the location recorded.
-        self.branch.log_presence(upload.key, self.uuid, present=True)
+        finally:
+            upload.keep()  # a no-op after finish(); else the partial stays for a resume
         return {}
 
     def _check_streams(self) -> None:
@@ -381,39 +344,19 @@ class NodeWorker:
     def get(self, rid: int, params: dict[str, Any]) -> None:
         key, offset = Key.parse(params["key"]), params["offset"]
         self._check_streams()
-        stack = ExitStack()
         try:
-            # No content lock while sending: see PlainSession.get (shell/p2pserver.py).
-            fh = self.store.open_object(key)
-            if fh is None:
-                raise FileNotFoundError(errno.ENOENT, "content not present")
-            stack.enter_context(fh)
-            if self.client_uuid is not None:
-                # The same key sent twice at once on this link: one record is enough. The
-                # record is informational: one that cannot be written (a key file name
-                # within 4 bytes of the limit: lck.<keyfile>) leaves it out, as p2pstdio.
-                with suppress(TransferInProgress, OSError):
-                    stack.enter_context(
-                        self.store.transfer("upload", self.client_uuid, key, params["af"])
-                    )
-            length = max(os.fstat(fh.fileno()).st_size - offset, 0)
-        except FileNotFoundError:
-            stack.close()
+            download = self.service.open_get(key, offset, params["af"])
+        except NotPresent:
             raise NotFoundError("content not present") from None
-        except BaseException:
-            stack.close()
-            raise
-        self.outbox.write(self.conn.respond(rid, {"length": length}))
+        self.outbox.write(self.conn.respond(rid, {"length": download.length}))
         self.credit[rid] = trio.Event()
         assert self.nursery is not None
-        self.nursery.start_soon(self._send_body, rid, fh, offset, length, stack)
+        self.nursery.start_soon(self._send_body, rid, download)
 
-    async def _send_body(
-        self, sid: int, fh: BinaryIO, offset: int, length: int, stack: ExitStack
-    ) -> None:
+    async def _send_body(self, sid: int, download: Download) -> None:
         """Stream a download under the proxy's credit; a short stream means a failed read."""
-        sent = 0
-        with stack:
+        sent, length, offset, fh = 0, download.length, download.offset, download.fh
+        try:
             while sent < length and sid not in self.cancelled:
                 credit = self.conn.available_credit(sid)
                 if credit == 0:
@@ -440,6 +383,8 @@ class NodeWorker:
                 del data  # not held while other streams run: they may be many
                 await trio.lowlevel.checkpoint()  # other streams and calls get their turn
             self.outbox.write(self.conn.send_body(sid, b"", end=True))
+        finally:
+            download.close()
         self.credit.pop(sid, None)
         self.cancelled.discard(sid)
 
@@ -470,3 +415,7 @@ def serve(repo: Repo, client_uuid: str | None) -> int:
         return trio.run(_serve, repo, client_uuid)
     finally:
         restore_stdio()
+
+
+def _refusal(refused: Refused) -> RpcError:
+    return ReadOnlyError(str(refused)) if refused.readonly else AppendOnlyError(str(refused))

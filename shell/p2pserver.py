@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, suppress
 from typing import BinaryIO
 
 import trio
@@ -21,22 +19,26 @@ from git_remote_annexproxy import p2p
 from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.p2pchannel import (
+    DEFAULT_IDLE_TIMEOUT,
     ChannelTimeout,
     P2PChannel,
     restore_stdio,
     stdio_channel,
 )
-from git_remote_annexproxy.store import (
-    AnnexStore,
-    ContentLocked,
-    Direction,
-    Receive,
-    TransferInProgress,
-)
 from shell import gitconnect, restrict
 from shell.repo import Repo
+from shell.service.repository import (
+    ContentLocked,
+    Download,
+    LocationLogError,
+    NotPresent,
+    Refused,
+    RemoveOutcome,
+    RepositoryService,
+    TransferInProgress,
+    Upload,
+)
 
-MAX_VERSION = 4
 SEND_PIECE = 1 << 20
 
 # How long a session waits on a client that sends nothing, or stops reading what we send,
@@ -44,7 +46,6 @@ SEND_PIECE = 1 << 20
 # seconds, read from the repository's config (or the global one) so an admin can shorten
 # it, and tests can use a second or two. A held LOCKCONTENT is bounded by it as well.
 IDLE_TIMEOUT_CONFIG = "annexproxy.idletimeout"
-DEFAULT_IDLE_TIMEOUT = 7200.0
 
 
 class SessionEnd(Exception):
@@ -78,12 +79,6 @@ def idle_timeout(repo: Repo) -> float:
         warn(f"git-annex-shell: ignoring bad {IDLE_TIMEOUT_CONFIG}={text!r}")
         return DEFAULT_IDLE_TIMEOUT
     return value
-
-
-def monotonic_seconds() -> int:
-    # git-annex's timestamps are whole seconds of the monotonic clock (seconds since boot
-    # on Linux), so REMOVE-BEFORE deadlines agree across sessions on the same machine.
-    return int(time.monotonic())
 
 
 class ClientFacing:
@@ -135,17 +130,17 @@ class ClientFacing:
 
 
 class PlainSession(ClientFacing):
-    """Serves one client against this repository's own annex."""
+    """Serves one client against this repository's own annex: p2pstdio's adapter of the
+    repository service (shell/service/repository.py), which holds every rule."""
 
     def __init__(self, repo: Repo, channel: P2PChannel, client_uuid: str) -> None:
-        assert repo.uuid is not None
         self.repo = repo
-        self.uuid: str = repo.uuid
+        self.service = RepositoryService(repo, client_uuid=client_uuid)
+        self.uuid = self.service.uuid
         self.channel = channel
         self.client_uuid = client_uuid
-        self.store = AnnexStore(repo.gitdir, bare=repo.bare)
-        self.branch = AnnexBranch(repo.gitdir, repo.annexdir)
-        self.mode = restrict.server_mode()
+        self.branch = self.service.branch
+        self.mode = self.service.mode
         self.version = 0
 
     # -- the loop ----------------------------------------------------------------------
@@ -159,25 +154,22 @@ class PlainSession(ClientFacing):
     async def handle(self, event: p2p.Event) -> None:
         match event:
             case p2p.Version(n):
-                self.version = min(n, MAX_VERSION)
+                self.version = min(n, p2p.MAX_VERSION)
                 await self.send(p2p.Version(self.version))
             case p2p.Bypass():
                 pass  # only gateways act on BYPASS
             case p2p.CheckPresent(key):
-                await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
+                await self.send(p2p.Success() if self.service.has(key) else p2p.Failure())
             case p2p.LockContent(key):
                 await self.lock_content(key)
             case p2p.Remove(key):
-                if not await self.refuse_write(removal=True):
-                    await self.remove(key, deadline=None)
+                await self.remove(key, deadline=None)
             case p2p.RemoveBefore(ts, key):
-                if not await self.refuse_write(removal=True):
-                    await self.remove(key, deadline=ts)
+                await self.remove(key, deadline=ts)
             case p2p.GetTimestamp():
-                await self.send(p2p.Timestamp(monotonic_seconds()))
+                await self.send(p2p.Timestamp(self.service.timestamp()))
             case p2p.Put(af, key):
-                if not await self.refuse_write(removal=False):
-                    await self.put(af, key)
+                await self.put(af, key)
             case p2p.Get(offset, af, key):
                 await self.get(offset, af, key)
             case p2p.Connect(service):
@@ -196,18 +188,6 @@ class PlainSession(ClientFacing):
             case _:
                 await self.send(p2p.Error("unexpected command"))
 
-    def record_transfer(
-        self, stack: ExitStack, direction: Direction, key: Key, af: str | None
-    ) -> None:
-        """Write git-annex's transfer information file for the rest of the request.
-
-        It is informational (`git annex info` shows it), so a client UUID that cannot be a
-        file name (`../x`: any non-empty string is a valid CLIENTUUID), a second transfer of
-        the same key by the same client, or a filesystem error only leave it unwritten.
-        """
-        with suppress(ValueError, OSError, TransferInProgress):
-            stack.enter_context(self.store.transfer(direction, self.client_uuid, key, af))
-
     async def drain_body(self) -> int:
         """Consume a DATA payload we will not use; returns its size."""
         total = 0
@@ -221,61 +201,57 @@ class PlainSession(ClientFacing):
     # -- requests ----------------------------------------------------------------------
 
     async def lock_content(self, key: Key) -> None:
-        if not self.store.has(key):
+        try:
+            hold = self.service.hold(key)
+        except (NotPresent, ContentLocked):
             await self.send(p2p.Failure())
             return
-        with ExitStack() as stack:
-            try:
-                stack.enter_context(self.store.lock_shared(key))
-                self.store.write_retention(key)
-            except (ContentLocked, OSError) as exc:
-                # OSError: removed meanwhile (FileNotFoundError), or the lock or retention
-                # file cannot be made (a key file name within 4 bytes of the limit, a
-                # read-only store); git-annex answers FAILURE too.
-                if not isinstance(exc, ContentLocked | FileNotFoundError):
-                    warn(f"  cannot lock content: {exc.strerror or exc}")
-                await self.send(p2p.Failure())
-                return
-            await self.send(p2p.Success())
-            try:
-                # EOF raises SessionEnd: connection lost while locked, and the drop proof
-                # relies on the retention file outliving us, so it is left in place.
-                event = await self.event()
-            except ChannelTimeout:
-                # The retention file keeps the content for its 10 minutes regardless.
-                raise SessionEnd(1, "client held a content lock past the idle timeout") from None
-            self.store.clear_retention(key)
-            if not isinstance(event, p2p.UnlockContent):
-                await self.send(p2p.Error("expected UNLOCKCONTENT"))
-
-    async def remove(self, key: Key, deadline: int | None) -> None:
-        if not self.store.has(key):
-            await self.send(p2p.Success())
-            return
-        if deadline is not None and monotonic_seconds() >= deadline:
+        except OSError as exc:
+            # The lock or retention file cannot be made; git-annex answers FAILURE too.
+            warn(f"  cannot lock content: {exc.strerror or exc}")
             await self.send(p2p.Failure())
             return
         try:
-            gone = self.store.remove(key)
-        except ContentLocked:
-            # git-annex-shell dies silently here; a clear answer is better (spec §7).
-            warn("  content is locked")
+            await self.send(p2p.Success())
+            # EOF raises SessionEnd: connection lost while locked, and the drop proof
+            # relies on the retention file outliving us, so it is left in place.
+            event = await self.event()
+        except ChannelTimeout:
+            hold.abandon()  # the retention file keeps the content for its 10 minutes
+            raise SessionEnd(1, "client held a content lock past the idle timeout") from None
+        except BaseException:
+            hold.abandon()
+            raise
+        hold.release()
+        if not isinstance(event, p2p.UnlockContent):
+            await self.send(p2p.Error("expected UNLOCKCONTENT"))
+
+    async def remove(self, key: Key, deadline: int | None) -> None:
+        try:
+            outcome = self.service.remove(key, before=deadline)
+        except Refused as refused:
+            await self.send(p2p.Error(str(refused)))
+            return
+        except LocationLogError as exc:
+            warn(f"  {exc.strerror}")
             await self.send(p2p.Failure())
             return
         except OSError as exc:
             warn(f"  cannot remove content: {exc.strerror}")
             await self.send(p2p.Failure())
             return
-        if gone and not self.log_location(key, self.uuid, present=False):
-            gone = False
-        await self.send(p2p.Success() if gone else p2p.Failure())
+        if outcome == RemoveOutcome.LOCKED:
+            # git-annex-shell dies silently here; a clear answer is better.
+            warn("  content is locked")
+        ok = outcome in (RemoveOutcome.REMOVED, RemoveOutcome.ABSENT)
+        await self.send(p2p.Success() if ok else p2p.Failure())
 
     async def put(self, af: str | None, key: Key) -> None:
-        if self.store.has(key):
-            await self.send(p2p.AlreadyHave())
-            return
         try:
-            receive = self.store.begin_receive(key)
+            upload = self.service.begin_put(key, af)
+        except Refused as refused:
+            await self.send(p2p.Error(str(refused)))
+            return
         except TransferInProgress:
             await self.send(
                 p2p.Error("transfer already in progress, or unable to take transfer lock")
@@ -287,55 +263,54 @@ class PlainSession(ClientFacing):
             warn(f"  cannot receive content: {exc.strerror}")
             await self.send(p2p.Error(f"cannot receive content: {exc.strerror}"))
             return
-        with ExitStack() as stack:
-            stack.enter_context(receive)
-            self.record_transfer(stack, "download", key, af)
-            await self.send(p2p.PutFrom(receive.offset))
-            event = await self.event(data=True)
-            if isinstance(event, p2p.DataPresent):
-                await self.send(p2p.Success() if self.store.has(key) else p2p.Failure())
-                return
-            if not isinstance(event, p2p.Data):
-                if isinstance(event, p2p.ConnectionClosed):
-                    raise SessionEnd(0)
-                await self.send(p2p.Error("expected DATA"))
-                return
-            ok = await self.receive_body(receive, key, event.length)
-            if ok and self.version >= 1:
-                validity = await self.event()
-                if isinstance(validity, p2p.Invalid) and event.length == 0:
-                    # "DATA 0" + INVALID: the sender had nothing to send.
-                    await self.send(p2p.Failure())
-                    return
-                if not isinstance(validity, p2p.Valid | p2p.Invalid):
-                    await self.send(p2p.Error("expected VALID or INVALID"))
-                    return
-            elif not ok and self.version >= 1:
-                await self.event()  # the VALID/INVALID that follows a refused body
-            if not ok:
-                await self.send(p2p.Failure())
-                return
-            try:
-                stored = receive.finish()
-            except OSError as exc:
-                warn(f"  cannot store content: {exc.strerror}")
-                await self.send(p2p.Failure())
-                return
-            if not stored:
-                warn("  Verification of content failed")
-                await self.send(p2p.Failure())
-                return
-            # Only now, with the object durable on disk, is the location recorded.
-            logged = self.log_location(key, self.uuid, present=True)
-            await self.send(p2p.Success() if logged else p2p.Failure())
+        if upload is None:
+            await self.send(p2p.AlreadyHave())
+            return
+        try:
+            await self._receive(upload)
+        finally:
+            upload.keep()  # a no-op after finish(); else the partial stays for a resume
 
-    async def receive_body(self, receive: Receive, key: Key, length: int) -> bool:
+    async def _receive(self, upload: Upload) -> None:
+        """The rest of a PUT after PUT-FROM."""
+        await self.send(p2p.PutFrom(upload.offset))
+        event = await self.event(data=True)
+        if isinstance(event, p2p.DataPresent):
+            await self.send(p2p.Success() if self.service.has(upload.key) else p2p.Failure())
+            return
+        if not isinstance(event, p2p.Data):
+            await self.send(p2p.Error("expected DATA"))
+            return
+        ok = await self.receive_body(upload, event.length)
+        valid = True
+        if self.version >= 1:
+            validity = await self.event()
+            if ok and not isinstance(validity, p2p.Valid | p2p.Invalid):
+                await self.send(p2p.Error("expected VALID or INVALID"))
+                return
+            valid = not isinstance(validity, p2p.Invalid)
+        if not ok:
+            await self.send(p2p.Failure())
+            return
+        try:
+            stored = upload.finish(valid=valid)
+        except OSError as exc:
+            # LocationLogError: stored, but the location log cannot say so.
+            what = exc.strerror if isinstance(exc, LocationLogError) else None
+            warn(f"  {what or f'cannot store content: {exc.strerror}'}")
+            await self.send(p2p.Failure())
+            return
+        if not stored and (valid or upload.written):
+            warn("  Verification of content failed")
+        await self.send(p2p.Success() if stored else p2p.Failure())
+
+    async def receive_body(self, upload: Upload, length: int) -> bool:
         """Write the DATA payload into the partial; False if it cannot be the content.
 
         Leaving without `finish()` keeps the partial, so a cut transfer resumes.
         """
-        if key.size is not None and receive.offset + length != key.size:
-            # Wrong size: refuse before writing anything (security.md row 18).
+        if not upload.fits(length):
+            # Wrong size: refuse before writing anything.
             await self.drain_body()
             return False
         while True:
@@ -350,42 +325,33 @@ class PlainSession(ClientFacing):
                 raise SessionEnd(0)
             assert isinstance(event, p2p.Body)
             try:
-                receive.write(event.data)
+                upload.write(event.data)
             except OSError as exc:
                 # Disk full, EIO, a file size limit: the rest of the payload is not read,
-                # so the framing is lost and the connection must close (spec §1). The
-                # Receive kept the intact prefix for a resume (ENOSPC) or deleted it (EIO).
+                # so the framing is lost and the connection must close. The store kept the
+                # intact prefix for a resume (ENOSPC) or deleted it (EIO).
                 await self.send(p2p.Failure())
                 raise SessionEnd(1, f"cannot store content: {exc.strerror}") from None
 
     async def get(self, offset: int, af: str | None, key: Key) -> None:
-        with ExitStack() as stack:
-            # No content lock while sending, as git-annex (sendAnnex in Annex/Content.hs
-            # takes none): a `<object>.lck` made here would stay beside the object when
-            # the session is killed mid-transfer (sshd or systemd ending it, SIGKILL),
-            # and would keep REMOVE out for as long as a stalled client holds the GET.
-            # Nothing is lost without it: a removal meanwhile unlinks the object, but the
-            # open file goes on reading the same inode, whole; a change in place (an
-            # unlocked work-tree file hard-linked to the object) shows in its size or
-            # mtime and makes us say INVALID, as git-annex's inode-cache check does.
-            fh = self.store.open_object(key)
-            if fh is None:
-                await self.send(p2p.Data(0))
-                if self.version >= 1:
-                    await self.send(p2p.Invalid())
-                await self.read_verdict()
-                return
-            stack.enter_context(fh)
-            self.record_transfer(stack, "upload", key, af)
-            before = _stamp(fh)
-            size = before[0]
-            length = max(size - offset, 0)
-            if length:
-                fh.seek(offset)
-            await self.channel.send_data(_pieces(fh, length), length)
+        try:
+            download: Download | None = self.service.open_get(key, offset, af)
+        except NotPresent:
+            download = None
+        if download is None:
+            await self.send(p2p.Data(0))
             if self.version >= 1:
-                changed = _stamp(fh) != before
-                await self.send(p2p.Invalid() if changed else p2p.Valid())
+                await self.send(p2p.Invalid())
+            await self.read_verdict()
+            return
+        try:
+            if download.length:
+                download.fh.seek(offset)
+            await self.channel.send_data(_pieces(download.fh, download.length), download.length)
+            if self.version >= 1:
+                await self.send(p2p.Invalid() if download.changed() else p2p.Valid())
+        finally:
+            download.close()
         await self.read_verdict()
 
     async def read_verdict(self) -> None:
@@ -393,14 +359,6 @@ class PlainSession(ClientFacing):
         event = await self.event()
         if not isinstance(event, p2p.Success | p2p.Failure):
             await self.handle(event)
-
-
-def _stamp(fh: BinaryIO) -> tuple[int, int]:
-    """Size and mtime (ns) of an open file: what a change while sending shows in."""
-    import os  # noqa: PLC0415
-
-    st = os.fstat(fh.fileno())
-    return st.st_size, st.st_mtime_ns
 
 
 def _pieces(fh: BinaryIO, length: int) -> Iterator[bytes]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from git_remote_annexproxy import maplog
 from git_remote_annexproxy.annexlog import location_log_path, present_uuids
 from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.keys import Key
@@ -56,11 +57,7 @@ class Placement:
             required_content=_text(branch, "required-content.log"),
             trust_log=_text(branch, "trust.log"),
         )
-        numcopies = 1
-        for line in _text(branch, "numcopies.log").splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                numcopies = int(parts[1])
+        numcopies = maplog.configured_copies(branch.read("numcopies.log") or b"") or 1
         return cls(
             branch=branch,
             policy=policy,

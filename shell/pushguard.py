@@ -11,49 +11,25 @@ receive-pack exits 0 even when it rejected the pack or a ref (it says so in its 
 `unpack <error>` / `ng <ref> <why>`), so the guard also reads that report from the service's
 output (through side-band if the client asked for it), for an honest `CONNECTDONE` code.
 
-Only the protocol's framing is parsed here (4 hex digits of length, `0000` flush); the pack
-itself is never looked at.
+Only the protocol's framing is parsed (git_remote_annexproxy/pktline.py); the pack itself is
+never looked at.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Final
 
-FLUSH: Final = b""  # the payload we report for a flush-pkt `0000`
+from git_remote_annexproxy.pktline import FLUSH, PktLineError, next_pkt
 
 # A push of many refs is ~100 bytes per ref; this allows some 100,000 of them.
 MAX_COMMANDS_BYTES = 16 << 20
-# pkt-line: at most 65520 bytes including the 4-byte header (git's LARGE_PACKET_MAX).
-MAX_PKT = 65520
 
-_HEX_LEN = re.compile(rb"[0-9a-f]{4}")
 # `old-oid SP new-oid SP refname` (SHA-1 or SHA-256 ids).
 _COMMAND = re.compile(rb"([0-9a-f]{40}|[0-9a-f]{64}) ([0-9a-f]{40}|[0-9a-f]{64}) (.+)")
 
 
 class PushRefused(Exception):
     """The client's commands are not passed on; the message says why, in one line."""
-
-
-def next_pkt(buf: bytes | bytearray, pos: int) -> tuple[bytes | None, int]:
-    """The pkt-line at `pos`: (payload, next pos); FLUSH for `0000`; None if incomplete.
-
-    ValueError for something that is not a pkt-line (bad hex, or a length git never sends).
-    """
-    if len(buf) - pos < 4:
-        return None, pos
-    head = bytes(buf[pos : pos + 4])
-    if not _HEX_LEN.fullmatch(head):
-        raise ValueError(f"bad pkt-line header {head!r}")
-    size = int(head, 16)
-    if size == 0:
-        return FLUSH, pos + 4
-    if size < 4 or size > MAX_PKT:
-        raise ValueError(f"bad pkt-line length {size}")
-    if len(buf) - pos < size:
-        return None, pos
-    return bytes(buf[pos + 4 : pos + size]), pos + size
 
 
 def option_like(refname: bytes) -> bool:
@@ -93,17 +69,18 @@ class ReceivePackGuard:
         while True:
             try:
                 payload, end = next_pkt(self._held, self._scan)
-            except ValueError as exc:
+            except PktLineError as exc:
                 raise PushRefused(f"malformed push command list: {exc}") from None
             if payload is None:
                 return b""
             self._scan = end
-            if payload == FLUSH:
+            if payload is FLUSH:
                 self._commands_done = True
                 out = bytes(self._held)
                 self._held.clear()
                 return out
-            self._check_command(payload)
+            if isinstance(payload, bytes):  # `0004` is an (empty) command line, as for git
+                self._check_command(payload)
 
     def _check_command(self, payload: bytes) -> None:
         line, nul, caps = payload.rstrip(b"\n").partition(b"\0")
@@ -124,7 +101,7 @@ class ReceivePackGuard:
         self._out += data
         try:
             self._scan_output()
-        except ValueError:
+        except PktLineError:
             # Not what receive-pack writes; stop watching rather than guess.
             self._broken_output = True
 
@@ -137,7 +114,9 @@ class ReceivePackGuard:
                 self._out_pos = 0
                 return
             if not self._advertised:
-                self._advertised = payload == FLUSH
+                self._advertised = payload is FLUSH
+            elif not isinstance(payload, bytes):
+                continue
             elif not sideband:
                 self._report_line(payload)
             elif payload[:1] == b"\1":
@@ -151,7 +130,8 @@ class ReceivePackGuard:
                 del self._report[: self._report_pos]
                 self._report_pos = 0
                 return
-            self._report_line(payload)
+            if isinstance(payload, bytes):
+                self._report_line(payload)
 
     def _report_line(self, payload: bytes) -> None:
         line = payload.rstrip(b"\n")

@@ -136,7 +136,7 @@ def open_repo(directory: str) -> Repo:
         raise _not_a_repo(path)
     try:
         _check_ownership(gitdir, GitConfig.read(global_config_paths()))
-        config = GitConfig.read([*global_config_paths(), os.path.join(gitdir, "config")])
+        config = GitConfig.read([*global_config_paths(), os.path.join(gitdir, "config")], gitdir)
     except ConfigError as exc:
         raise ShellError(f"bad git config in {path}: {exc}") from None
     return Repo(path=path, gitdir=gitdir, bare=bare, config=config)

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import trio
 
-from git_remote_annexproxy import rpc
+from git_remote_annexproxy import p2p, rpc
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.rpcmethods import (
     MAX_BATCH,
@@ -62,7 +62,6 @@ from shell.proxyselect import Remote, local_path
 
 # The node worker stores whatever a plain repository stores, so the proxy can offer its client
 # every P2P version it speaks itself.
-MAX_VERSION: Final = 4
 READ_SIZE: Final = 1 << 20
 _COALESCE: Final = 1 << 20  # queued frames joined into one write, up to this many bytes
 _SMALL: Final = 64 << 10  # frames below this are joined as they are queued
@@ -248,7 +247,7 @@ class RpcLink(NodeLink):
         if info["uuid"] != self.uuid:
             self._die(f"expected UUID {self.uuid}, found {info['uuid']}")
             raise self._error()
-        self.version = 0 if version is None else min(version, MAX_VERSION)
+        self.version = 0 if version is None else min(version, p2p.MAX_VERSION)
 
     # -- the pump: one reader and one writer for the life of the link ----------------------
 

@@ -48,8 +48,9 @@ from shell.nodelink import (
     Outcome,
     Upload,
 )
-from shell.p2pserver import monotonic_seconds, warn
+from shell.p2pserver import warn
 from shell.proxyselect import Remote
+from shell.service.repository import monotonic_seconds
 from shell.specialremote import Encryption, SpecialRemote, Spool
 from shell.specialstore import CountingStorage, DirectoryStorage, SpecialStorage, StorageError
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from p2pdriver import ShellSession, p2pstdio_argv
 
-from shell.pushguard import FLUSH, PushRefused, ReceivePackGuard, next_pkt
+from shell.pushguard import PushRefused, ReceivePackGuard
 
 ZERO = "0" * 40
 READONLY_DENIED = "ERROR this repository is read-only; write access denied"
@@ -236,17 +236,24 @@ def test_guard_refuses_option_like_names(name: str) -> None:
         ReceivePackGuard().from_client(pkt(f"{ZERO} {SHA} {name}\0report-status\n") + b"0000")
 
 
-@pytest.mark.parametrize("bad", [b"zzzz", b"0003", b"fff1" + b"x" * 70000])
+@pytest.mark.parametrize("bad", [b"zzzz", b"0003", b"fff4" + b"x" * 70000])
 def test_guard_refuses_unframed_commands(bad: bytes) -> None:
     with pytest.raises(PushRefused, match="malformed"):
         ReceivePackGuard().from_client(bad)
 
 
-def test_next_pkt() -> None:
-    assert next_pkt(b"0000", 0) == (FLUSH, 4)
-    assert next_pkt(b"0006ab0000", 0) == (b"ab", 6)
-    assert next_pkt(b"0006a", 0) == (None, 0)
-    assert next_pkt(b"00", 0) == (None, 0)
+def test_guard_reads_the_framing_as_git_does() -> None:
+    """The guard parses exactly as receive-pack (git_remote_annexproxy/pktline.py): upper-case
+    length digits are a command, not a malformed list; an empty `0004` line does not end the
+    command list, so a ref name after it is still checked. Both failed before pktline.py
+    (the first was refused as malformed, the second passed the option-like name through)."""
+    line = pkt(f"{ZERO} {SHA} refs/heads/{'m' * 14}\0report-status\n")
+    assert line[:4].upper() != line[:4]
+    upper = line[:4].upper() + line[4:] + b"0000"
+    assert ReceivePackGuard().from_client(upper) == upper
+    evil = b"0004" + pkt(f"{ZERO} {SHA} refs/heads/-x\n") + b"0000"
+    with pytest.raises(PushRefused, match="looks like an option"):
+        ReceivePackGuard().from_client(evil)
 
 
 ADVERT = pkt(f"{SHA} refs/heads/main\0report-status\n") + b"0000"

@@ -854,7 +854,9 @@ async def test_worker_keeps_nothing_that_does_not_verify(node: tuple[SshEnv, Pat
 
 async def test_worker_invalid_and_wrong_size_uploads(node: tuple[SshEnv, Path, str]) -> None:
     """A body of the wrong size is not sent at all, so a resumable partial survives it; a
-    body the client calls INVALID (its file changed while sent) is thrown away."""
+    body the client calls INVALID (its file changed while sent) is verified all the same,
+    as git-annex-shell p2pstdio does (the p2pstdio session and this worker share that rule
+    in shell/service/repository.py; before it the worker threw such a body away)."""
     _env, path, uuid = node
     data = os.urandom(200_000)
     key = key_of(data)
@@ -882,10 +884,16 @@ async def test_worker_invalid_and_wrong_size_uploads(node: tuple[SshEnv, Path, s
             upload = await link.put(None, key)
             assert isinstance(upload, Upload) and upload.offset == 50_000
             await upload.send_data(len(data) - 50_000)
-            await upload.send_piece(data[50_000:])
-            assert await upload.finish(False) == Outcome(False)  # INVALID
-            assert not partial.exists()
+            await upload.send_piece(b"\0" * (len(data) - 50_000))  # changed while sent
+            assert await upload.finish(False) == Outcome(False)  # INVALID, and wrong
             assert await link.checkpresent(key) is False
+
+            upload = await link.put(None, key)
+            assert isinstance(upload, Upload)
+            await upload.send_data(len(data) - upload.offset)
+            await upload.send_piece(data[upload.offset :])
+            assert await upload.finish(False) == Outcome(True)  # INVALID, but it verifies
+            assert await link.checkpresent(key) is True
         finally:
             await link.aclose()
 

@@ -964,3 +964,15 @@ def test_well_formed_msgpack_of_any_shape_gives_events_or_remote_protocol_error(
     for ev in events:
         if isinstance(ev, Request):
             validate_params(ev.method, ev.params)  # what reaches the caller is valid
+
+
+def test_one_protocol_error_hierarchy() -> None:
+    """p2p and the node RPC raise the same error classes (protocolerrors.py), so one
+    `except RemoteProtocolError` covers both codecs; before, each had its own unrelated
+    class of that name."""
+    from git_remote_annexproxy import p2p, protocolerrors, rpc
+
+    for codec in (p2p, rpc):
+        assert codec.RemoteProtocolError is protocolerrors.RemoteProtocolError
+        assert codec.LocalProtocolError is protocolerrors.LocalProtocolError
+    assert issubclass(protocolerrors.RemoteProtocolError, protocolerrors.ProtocolError)

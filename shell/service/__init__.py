@@ -1,0 +1,1 @@
+"""Transport-independent services: the rules each transport (p2pstdio, node RPC) adapts."""
