@@ -139,6 +139,7 @@ def check_noderpc(command_string: bool, env: Mapping[str, str] = os.environ) -> 
     also mean a forced command, whatever form it uses."""
     if _is_set(env, ALLOW_NODERPC):
         return
-    restricted = any(_is_set(env, name) for name in (READONLY, APPENDONLY, LIMITED, DIRECTORY))
+    # DIRECTORY restricts even when empty (to HOME, as git-annex reads it: check_directory).
+    restricted = DIRECTORY in env or any(_is_set(env, n) for n in (READONLY, APPENDONLY, LIMITED))
     if command_string or restricted or "SSH_ORIGINAL_COMMAND" in env:
         raise ShellError(NODERPC_REFUSED)
