@@ -338,7 +338,7 @@ def test_n9_idle_timeout_ends_the_link(node: Node, how: str) -> None:
         code = s.wait(15)
         took = time.monotonic() - began
         stderr = s.stderr()
-    assert 1.5 < took < 8, took
+    assert 1.5 < took < 12, took  # the idle timeout, then the exit (a commit) on a busy machine
     assert code == 1
     expected = ("nothing from or to the proxy for 2s" if how == "silent"
                 else "the proxy held a content lock past the idle timeout (2s)")  # fmt: skip
