@@ -14,7 +14,8 @@ Per remote, one new file of ``--size`` MiB each way, timed as a whole command:
               (the content crosses the proxy, which encrypts and writes it to S3)
     indirect  our client, no git-annex on its PATH: git annexproxy copy --to origin-NAME FILE
               (chunked and encrypted on the client, PUT straight to S3 at URLs the proxy
-              presigned; the proxy checks each object and logs the location)
+              presigned; the proxy reads each object back, verifies the key and logs
+              the location)
 
 Each upload is checked (the bucket holds the new objects, their total size at least the
 content's). Output: seconds, MB/s, and the proxy's client_in, client_out,

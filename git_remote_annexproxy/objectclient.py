@@ -2,10 +2,12 @@
 
 The client chunks and encrypts content itself, in git-annex's exact format (the one
 implementation in ``specialformat.py``), and hands the proxy finished objects through the
-``annexproxy-objects`` P2P extension; the proxy stores them as they are and logs the
-location. Neither content nor cipher leaves this machine in the clear. Downloads fetch the
-objects and decrypt here. With ``annexproxy-indirect`` each object goes straight to the
-storage over HTTP (``httpput.py``) at a URL the proxy presigned for that object alone.
+``annexproxy-objects`` P2P extension; the proxy stores them as they are, reads them back
+to prove the key (it decrypts them with the remote's cipher, which it must hold) and logs
+the location. Neither content nor cipher crosses the connection in the clear. Downloads
+fetch the objects and decrypt here. With ``annexproxy-indirect`` each object goes straight
+to the storage over HTTP (``httpput.py``) at a URL the proxy presigned for that object
+alone, with every header the proxy gave (one is the presign's upload tag).
 
 What a special remote is (type, cipher, chunk size) comes from remote.log and the chunk
 logs of the clone's git-annex branch, as git-annex reads them. A server that does not

@@ -2,10 +2,23 @@
 
 A client that chunks and encrypts content itself (``objectclient.py``) hands the proxy the
 finished objects of a special remote; the proxy stores them as they are, under the names
-the client gives, and never sees plaintext or the cipher. Every name is checked
-(``specialformat.object_name``) before it reaches the storage. Then `RECORD` makes the
-proxy check that every object of the key is in the storage and log the chunks and the
-location; nothing is logged before all checks pass.
+the client gives. Every name is checked (``specialformat.object_name``) before it reaches
+the storage. Then `RECORD` makes the proxy prove the key before it logs anything: the
+names must be the ones the proxy computes for the key, every object must be there, and
+the objects, read back (and decrypted), must be the key's content: its hash, or for a key
+without one (WORM, URL) its size, as a plain PUT checks it. Only then the chunk log and
+the location log. Deletion and logging never follow from a client's claim.
+
+So uploads need a proxy that can read the remote's objects: unencrypted and shared-cipher
+remotes always, hybrid and pubkey ones when the proxy's keyring opens the cipher, never
+sharedpubkey (``SpecialLink.readable``). Elsewhere PUTOBJECT, PUTINDIRECT and RECORD are
+refused (``UNPROVABLE``); CHECKOBJECT and GETOBJECT are served.
+
+A RECORD that fails its proof removes the objects of that RECORD this session stored
+itself, and only those, and only with full write access; append-only sessions remove
+nothing. Whatever is left is never logged and never served as VALID (a GET verifies the
+key as it streams, ``shell/speciallink.py``), and a plain PUT of the key overwrites it
+(``SpecialRemote.store`` writes every chunk).
 
 With `annexproxy-indirect` (a storage that can presign uploads: S3) the bytes bypass the
 proxy: it answers `PUTINDIRECT` with a presigned URL for that one object, and on
@@ -15,11 +28,10 @@ the object carries the random tag signed into that one URL (so it is the client'
 upload, not one another writer stored meanwhile). Only names presigned in this session
 are accepted there; unencrypted objects whose size the key does not bind get no URL.
 
-For an unencrypted remote the names are keys, so the proxy checks what it can against the
-key, as for a plain PUT: the object's size (whole key or chunk), a whole key's hash
+For an unencrypted remote the names are keys, so the proxy also checks each object as it
+arrives, as a plain PUT does: its size (whole key or chunk), a whole key's hash
 (PUTOBJECT while spooling; PUTINDIRECT's SHA-256 for SHA256(E) keys, else read back at
-INDIRECTDONE). Encrypted objects and chunks' contents cannot be checked here (the proxy
-never sees plaintext): the client that downloads them verifies the key.
+INDIRECTDONE). A whole key this session hashed itself is not read again at RECORD.
 
 PUTOBJECT has no size limit of its own (an encrypted object's size is not known from its
 name): the DATA streams into an anonymous spool in ``annex/othertmp``, as a plain PUT of a
@@ -43,11 +55,20 @@ import trio
 
 from git_remote_annexproxy import chunks, p2p
 from git_remote_annexproxy.branch import current_clock
-from git_remote_annexproxy.crypto import Cipher, encrypted_key, mac_name
+from git_remote_annexproxy.crypto import GpgError
 from git_remote_annexproxy.keys import Key, Verifier
-from git_remote_annexproxy.specialformat import ObjectMissing, Spool, object_name, plan
+from git_remote_annexproxy.specialformat import (
+    Encryption,
+    ObjectMissing,
+    Spool,
+    object_key,
+    object_name,
+    plan,
+    read_object,
+)
 from shell import restrict
 from shell.front import FrontSession
+from shell.nodelink import NodeError
 from shell.p2pserver import SessionEnd, warn
 from shell.speciallink import PIECE, SpecialLink
 from shell.specialstore import ObjectStat, StorageError
@@ -61,6 +82,15 @@ MAX_NAME = 512
 MAX_RECORD_DATA = 64 << 20
 # Names presigned and not yet confirmed, per session.
 MAX_PENDING = 4096
+# The answer to PUTOBJECT, PUTINDIRECT and RECORD where the proxy cannot read back the
+# content of the remote's objects (SpecialLink.readable): it would have only the client's
+# word for them, and a location log never rests on that. Downloads are served still.
+UNPROVABLE = ("the proxy cannot verify objects of this special remote (it holds no key "
+              "to decrypt them); it stores none from a client")  # fmt: skip
+# Objects a session remembers having written itself, and having verified itself; beyond
+# this many it forgets nothing but notes no more (RECORD then reads back, and a failed
+# proof removes only what was noted).
+MAX_TRACKED = 1 << 16
 
 
 class Presigner(Protocol):
@@ -78,10 +108,12 @@ class _Pending:
     sha256: str
     tag: str  # random, signed into the URL: what only an upload through it carries
     verify: bool  # read the object back and verify it against its key at INDIRECTDONE
+    sha_key: bool  # an unencrypted whole SHA256(E) key: the presigned SHA-256 is its hash
 
 
 def offered(link: object) -> tuple[str, ...]:
-    """The extensions a session to this node can serve."""
+    """The extensions a session to this node can serve. (Where the proxy cannot read back
+    what a client stores, their uploads are refused one by one: see UNPROVABLE.)"""
     if not isinstance(link, SpecialLink) or link.storage is None:
         return ()
     if _presigner(link) is None:
@@ -109,6 +141,13 @@ class ObjectService:
         self.words = frozenset(words)
         self.presigner = _presigner(link) if p2p.EXT_INDIRECT in words else None
         self.pending: dict[str, _Pending] = {}
+        # Objects this session stored itself (PUTOBJECT, or an upload through its URL that
+        # carried the presign's tag): the only ones a failed RECORD may remove.
+        self.written: set[Key] = set()
+        # Unencrypted whole keys this session hashed itself and found to be the key's:
+        # RECORD need not read them back.
+        self.proven: set[Key] = set()
+        self.provable: bool | None = None  # SpecialLink.readable, asked at the first write
         value = (front.repo.config.get("annexproxy.presignexpiry") or "").strip()
         # isascii: "²".isdigit() is true and int() refuses it.
         ok = value.isascii() and value.isdigit()
@@ -180,11 +219,19 @@ class ObjectService:
 
     # -- objects through the proxy -----------------------------------------------------------
 
+    async def _unprovable(self) -> bool:
+        """Answer ERROR and return True where no upload can be proven (see UNPROVABLE)."""
+        if self.provable is None:
+            self.provable = await self.link.readable()
+        if not self.provable:
+            await self.front.send(p2p.Error(UNPROVABLE))
+        return not self.provable
+
     async def put_object(self, name: str, size: int) -> None:
         if await self.front.refuse_write(removal=False):
             return
         key = await self._name(name)
-        if key is None:
+        if key is None or await self._unprovable():
             return
         if await self.storage.present(key):
             await self.front.send(p2p.AlreadyHave())
@@ -225,6 +272,9 @@ class ObjectService:
                 return
             with trio.CancelScope(shield=True):  # each write step is bounded by the storage
                 await self.storage.store(key, spool.read_range(0, spool.size))
+            _note(self.written, key)
+            if verifier is not None and key.verifiable:
+                _note(self.proven, key)
             await self.front.send(p2p.Success())
         finally:
             if spool is not None:
@@ -303,9 +353,19 @@ class ObjectService:
 
     async def record(self, chunk_size: int, count: int, key: Key) -> None:
         names = await self._record_names(count)
-        if await self.front.refuse_write(removal=False):
+        if await self.front.refuse_write(removal=False) or await self._unprovable():
+            return
+        try:
+            enc = await self.link.encryption()
+        except NodeError as exc:  # offered only where it could be loaded; gone since
+            warn(f"  RECORD {key}: {exc}")
+            await self.front.send(p2p.Failure())
             return
         problem = self._check_record(chunk_size, count, key, names)
+        # Only now (count is bounded by the names received, and matches the key's size).
+        pieces = _pieces(key, chunk_size, count) if problem is None else []
+        if problem is None and [object_key(enc, k) for k in pieces] != names:
+            problem = "object names do not belong to the key"
         for obj in names if names is not None and problem is None else []:
             expected = self._length(obj)
             if expected is None:
@@ -321,6 +381,10 @@ class ObjectService:
             if found >= 0 and found != expected:
                 problem = f"object {obj} has size {found}, not {expected}"
                 break
+        if problem is None and names is not None:
+            problem = await self._prove(key, pieces, names, enc)
+            if problem is not None:
+                await self._discard_own(names)
         if problem is not None:
             warn(f"  RECORD {key}: {problem}")
             await self.front.send(p2p.Failure())
@@ -340,6 +404,55 @@ class ObjectService:
                 return
         logged = self.front.log_present(key, [self.link.uuid], present=True)
         await self.front.send(p2p.Success() if logged else p2p.Failure())
+
+    async def _prove(
+        self, key: Key, pieces: list[Key], names: list[Key], enc: Encryption | None
+    ) -> str | None:
+        """Read the objects back (decrypted: the proxy holds the cipher wherever the
+        extension is offered) and verify the key's content; None when proven. A key of a
+        backend without a hash (WORM, URL) is proven by its size alone, as a plain PUT of
+        it is. An unencrypted whole key this session hashed itself is not read again."""
+        if enc is None and names == [key] and key in self.proven:
+            return None
+        verifier = key.verifier()
+        for n, (piece, name) in enumerate(zip(pieces, names, strict=True), 1):
+            # The object of a chunk (not the last) of a key without size is chunk_size.
+            last = n == len(pieces)
+            expected = chunks.chunk_length(piece)
+            if expected is None and piece.chunk_size is not None and not last:
+                expected = piece.chunk_size
+            got = 0
+            try:
+                async with contextlib.aclosing(read_object(
+                    enc, self.storage, name, self.link.annexdir, self.link.timeout
+                )) as it:  # fmt: skip
+                    async for data in it:
+                        got += len(data)
+                        if expected is not None and got > expected:
+                            return f"object {name} holds more than {expected} bytes"
+                        verifier.update(data)
+            except GpgError as exc:
+                return f"object {name} does not decrypt: {exc}"
+            if expected is not None and got != expected:
+                return f"object {name} holds {got} bytes, not {expected}"
+        if not verifier.ok():
+            return "the objects' content is not the key's"
+        return None
+
+    async def _discard_own(self, names: list[Key]) -> None:
+        """After a failed proof: remove the objects of ``names`` this session stored itself
+        (and only those; in a session with full write access only), so that nothing it
+        failed to prove stays behind."""
+        own = [n for n in names if n in self.written]
+        if not own or self.front.mode < restrict.Mode.READWRITE:
+            return
+        with trio.CancelScope(shield=True):  # each removal is bounded by the storage
+            for name in own:
+                with contextlib.suppress(StorageError):
+                    await self.storage.remove(name)
+                self.written.discard(name)
+                self.proven.discard(name)
+        warn(f"  removed {len(own)} object(s) this session stored and did not prove")
 
     async def _record_names(self, count: int) -> list[Key] | None:
         """The DATA after RECORD: one object name per line (None if unusable). Always
@@ -385,26 +498,7 @@ class ObjectService:
             expected_count = chunks.chunk_count(key.size or 0, chunk_size)
         if key.size is not None and count != expected_count:
             return "wrong number of objects for the key's size"
-        expected = self._expected_names(key, chunk_size, count)
-        if expected is not None and expected != names:
-            return "object names do not belong to the key"
         return None
-
-    def _expected_names(self, key: Key, chunk_size: int, count: int) -> list[Key] | None:
-        """The names the objects must have, when the proxy can know them without a
-        secret: plain keys, or MACs with a cipher remote.log holds in the clear."""
-        if chunk_size and key.size is None:
-            pieces = chunks.chunk_keys(key, chunk_size, count)
-        else:
-            pieces = [k for k, _, _ in plan(key, key.size or 0, chunk_size or None)[1]]
-        stored = self.link.stored
-        if stored is None:
-            return pieces
-        if stored.encrypted:
-            return None  # hybrid/pubkey: the proxy does not decrypt the cipher for this
-        cipher = Cipher(stored.data, stored.method == "sharedpubkey")
-        mac = mac_name(self.link.remote.special or {})
-        return [encrypted_key(cipher, mac, k) for k in pieces]
 
     # -- indirect uploads --------------------------------------------------------------------------
 
@@ -412,7 +506,7 @@ class ObjectService:
         if await self.front.refuse_write(removal=False):
             return
         key = await self._name(name)
-        if key is None:
+        if key is None or await self._unprovable():
             return
         assert self.presigner is not None
         if await self.storage.present(key):
@@ -439,7 +533,7 @@ class ObjectService:
             self.presigner.presign_put, str(key), size, sha256, self.expiry, tag
         )
         verify = self.link.mac is None and key.verifiable and not sha_key
-        self.pending[str(key)] = _Pending(key, size, sha256, tag, verify)
+        self.pending[str(key)] = _Pending(key, size, sha256, tag, verify, sha_key)
         await self.front.send(p2p.Indirect(url, tuple(headers.items())))
 
     async def indirect_done(self, name: str) -> None:
@@ -458,9 +552,17 @@ class ObjectService:
         ok = found.size == pending.size and (
             found.sha256 or await self._digest(pending.key)
         ) == pending.sha256
+        # Hashed here (not the storage's word): a whole unencrypted key, its own hash
+        # (read back, or the SHA-256 that is its hash) is proven for RECORD.
+        hashed_here = found.sha256 is None and pending.sha_key
         if ok and pending.verify:
-            ok = await self._verifies(pending.key)
+            ok = hashed_here = await self._verifies(pending.key)
+        ours = found.tag == pending.tag
         if ok:
+            if ours:
+                _note(self.written, pending.key)
+            if hashed_here:
+                _note(self.proven, pending.key)
             await self.front.send(p2p.Success())
             return
         # Deletion never follows from a client's claim. The name was absent when presigned,
@@ -469,7 +571,6 @@ class ObjectService:
         # header, kept as metadata) came through this URL. A checksum proves nothing of
         # the sort (the proxy's own PUT sends the same one for the same bytes). And an
         # append-only session removes nothing at all.
-        ours = found.tag == pending.tag
         if ours and self.front.mode >= restrict.Mode.READWRITE:
             warn(f"  {name}: stored object does not match what was presigned; removed")
             with contextlib.suppress(StorageError):
@@ -495,3 +596,16 @@ class ObjectService:
         verifier = key.verifier()
         await self._read_back(key, verifier.update)
         return verifier.ok()
+
+
+def _pieces(key: Key, chunk_size: int, count: int) -> list[Key]:
+    """The keys whose contents, joined, are ``key``'s, as a RECORD of ``count`` objects
+    in chunks of ``chunk_size`` (0: unchunked) stores them."""
+    if chunk_size and key.size is None:
+        return chunks.chunk_keys(key, chunk_size, count)
+    return [k for k, _, _ in plan(key, key.size or 0, chunk_size or None)[1]]
+
+
+def _note(tracked: set[Key], key: Key) -> None:
+    if len(tracked) < MAX_TRACKED:
+        tracked.add(key)

@@ -9,6 +9,9 @@ cluster gateway relay to a special remote exactly as to a repository:
 * GET streams while retrieving, decrypting and joining when the length is known from the
   key; otherwise the content is spooled first to learn it. A failure after DATA has
   started pads the promised length and answers INVALID, so the session stays usable.
+  The content is verified against the key as it goes (from its start, also for a GET
+  at an offset): VALID only for content that is the key's, however the objects came to
+  be in the storage (a client of our extensions, another writer, a damaged disk).
 * CHECKPRESENT and REMOVE act on the remote; LOCKCONTENT fails (special remotes cannot
   lock). Storage and gpg errors become ``ERROR proxied special remote reports: <msg>``.
 
@@ -28,6 +31,8 @@ import trio
 from git_remote_annexproxy.branch import AnnexBranch
 from git_remote_annexproxy.chunks import ChunkConfigError, configured_chunk_size
 from git_remote_annexproxy.crypto import (
+    SHARED,
+    SHAREDPUBKEY,
     CryptoConfigError,
     Gpg,
     GpgError,
@@ -154,6 +159,27 @@ class SpecialLink(NodeLink):
         )
         return self.special
 
+    async def encryption(self) -> Encryption | None:
+        """The remote's encryption, its cipher decrypted (NodeError if the proxy cannot)."""
+        return (await self._remote()).encryption
+
+    async def readable(self) -> bool:
+        """Whether the proxy can read back the content of objects a client encrypted and
+        stored itself (``shell/objectserve.py`` proves every RECORD that way): always for
+        an unencrypted or shared-cipher remote; for hybrid and pubkey when the proxy's
+        keyring opens the cipher (it then holds a secret key the content is encrypted
+        to); never for sharedpubkey, which needs no secret key to be written to and whose
+        content only a secret key opens."""
+        if self.stored is None or self.stored.method == SHARED:
+            return True
+        if self.stored.method == SHAREDPUBKEY:
+            return False
+        try:
+            await self._remote()
+        except NodeError:
+            return False
+        return True
+
     def _refused(self, exc: Exception) -> NodeRefused:
         return NodeRefused(self.remote.name, REPORT + str(exc))
 
@@ -192,9 +218,12 @@ class SpecialLink(NodeLink):
             layout = await special.locate(key)
         except (StorageError, GpgError) as exc:
             raise self._refused(exc) from None
+        verifier = key.verifier()
         if key.size is not None:
+            # Read from the start even for an offset: the key's hash covers all of it.
             length = max(0, key.size - offset)
-            return _SpecialDownload(self, self._track(special.read(layout, offset)), length)
+            stream = self._track(special.read(layout, 0))
+            return _SpecialDownload(self, stream, length, verifier=verifier, skip=offset)
         # Unknown length: retrieve it all into a spool first. That may take longer than
         # one request may, so it is bounded per step (as the storing of a PUT) instead.
         spool: Spool | None = None
@@ -203,15 +232,18 @@ class SpecialLink(NodeLink):
             with trio.CancelScope(shield=True):
                 async with contextlib.aclosing(special.read(layout, 0)) as content:
                     async for piece in content:
-                        await trio.to_thread.run_sync(spool.append, piece)
+                        await trio.to_thread.run_sync(spool.append, piece, verifier)
         except (StorageError, GpgError, OSError) as exc:
             if spool is not None:
                 self.drop_spool(spool)
             raise self._refused(exc) from None
         length = max(0, spool.size - offset)
-        return _SpecialDownload(
-            self, self._track(_then_drop(self, spool, spool.read_range(offset, length))), length
-        )
+        stream = self._track(_then_drop(self, spool, spool.read_range(offset, length)))
+        download = _SpecialDownload(self, stream, length)
+        if not verifier.ok():
+            warn(f"  {REPORT}content in the special remote does not verify as {key}")
+            download.ok = False
+        return download
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -329,23 +361,41 @@ class _SpecialUpload(Upload):
 
 
 class _SpecialDownload(Download):
-    """A GET: exactly ``length`` bytes whatever happens, then the verdict on them."""
+    """A GET: exactly ``length`` bytes whatever happens, then the verdict on them.
 
-    def __init__(self, link: SpecialLink, source: AsyncGenerator[bytes, None], length: int):
+    With a ``verifier``, ``source`` is the whole content (its first ``skip`` bytes are
+    verified, not sent) and the verdict includes the key's check."""
+
+    def __init__(
+        self, link: SpecialLink, source: AsyncGenerator[bytes, None], length: int, *,
+        verifier: Verifier | None = None, skip: int = 0,
+    ) -> None:  # fmt: skip
         self.link = link
         self.source = source
         self.length = length
+        self.verifier = verifier
+        self.skip = skip
         self.ok = True
 
     async def pieces(self) -> AsyncGenerator[bytes, None]:
         sent = 0
+        skip = self.skip
         try:
             async with contextlib.aclosing(self.source) as it:
-                async for piece in it:
+                async for data in it:
+                    if self.verifier is not None:
+                        self.verifier.update(data)
+                    cut = min(skip, len(data))
+                    skip -= cut
+                    piece = data[cut:] if cut else data
+                    if not piece:
+                        continue
                     if sent + len(piece) > self.length:
                         raise StorageError("content longer than its key's size")
                     sent += len(piece)
                     yield piece
+            if self.verifier is not None and not self.verifier.ok():
+                raise StorageError("content does not verify against its key")
         except (StorageError, GpgError, OSError) as exc:
             warn(f"  {REPORT}{exc}")
             self.ok = False

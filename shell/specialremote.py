@@ -114,28 +114,33 @@ class SpecialRemote:
         Chunks are encrypted and written by up to STORE_JOBS tasks at once (encryption
         is the bottleneck, and each uses one core); the chunk log is written after all
         of them, so their order does not matter.
+
+        Every chunk is written, also one already there (git-annex's seekResume keeps
+        those): a chunk present but not logged may be anyone's, e.g. a client of our
+        extensions that never proved it (``shell/objectserve.py``), and this content was
+        verified. A store replaces an object atomically.
         """
         size, pieces = plan(key, spool.size, self.chunk_size)
         targets = [(self.object_key(k), offset, n) for k, offset, n in pieces]
-        if len(targets) > 1:
-            # git-annex's seekResume: keep the leading chunks already there.
-            while targets and await self.storage.present(targets[0][0]):
-                targets.pop(0)
         todo = iter(targets)  # shared by the workers: each chunk is taken once
         created: list[Key] = []
 
         async def worker() -> None:
             for target, offset, n in todo:
+                # (One object: no later failure can make it be removed; no need to ask.)
+                fresh = len(targets) == 1 or not await self.storage.present(target)
                 await write_object(self.encryption, target, spool.read_range(offset, n),
                                    self.storage.store, self.timeout, length=n)  # fmt: skip
-                created.append(target)
+                if fresh:
+                    created.append(target)
 
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(min(STORE_JOBS, len(targets))):
                     nursery.start_soon(worker)
         except BaseException as exc:
-            # Never leave a partial set behind; chunks stored earlier by others stay.
+            # Never leave a partial set behind; chunks that were there before stay (now
+            # with this verified content: they may belong to a layout already logged).
             with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
                 for target in created:
                     await self.storage.remove(target)

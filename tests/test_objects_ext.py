@@ -1,11 +1,15 @@
 """Client-side encryption through the proxy (issue 6): the `annexproxy-objects` extension.
 
 Our client chunks and encrypts in git-annex's format and sends finished objects; the proxy
-stores them and logs the key without ever seeing plaintext or the cipher (its gpg is a
-logging wrapper that must stay unused, and for hybrid its keyring does not even hold the
-key). Real git-annex, with the remotes enabled directly, reads what we stored, and our
-client reads what it stored. Against real git-annex-shell (plain, and as a proxy) the
-client falls back after one EXTENSIONS line and sends nothing unknown after it.
+stores them as they are, then proves each RECORD by reading the objects back, decrypting
+them and verifying the key before it logs anything. So the proxy's gpg (a wrapper that
+logs every run) only ever decrypts, and it needs the cipher: a shared one is in
+remote.log; for hybrid and pubkey the proxy's own keyring is empty, and only sessions
+given the secret key (``keyring=True``) can upload there. Without it (and always for
+sharedpubkey) uploads are refused and downloads still served. Real git-annex, with the
+remotes enabled directly, reads what we stored, and our client reads what it stored.
+Against real git-annex-shell (plain, and as a proxy) the client falls back after one
+EXTENSIONS line and sends nothing unknown after it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from git_remote_annexproxy.objectclient import (
     special_target,
     upload_key,
 )
-from git_remote_annexproxy.p2pclient import P2PSession
+from git_remote_annexproxy.p2pclient import P2PRefused, P2PSession
 from git_remote_annexproxy.repologs import parse_remote_log
 from git_remote_annexproxy.specialformat import object_key, plan
 
@@ -52,6 +56,11 @@ REMOTES = {
     "spkflat": ("sharedpubkey", None),
 }
 ENCRYPTED = [n for n, (e, _) in REMOTES.items() if e != "none"]
+# Where the proxy needs the secret key to read back what a client stores.
+NEEDS_KEY = [n for n, (e, _) in REMOTES.items() if e in ("hybrid", "pubkey")]
+# Where the proxy never can (content encrypted to public keys, no secret key needed to
+# write): uploads refused.
+UNPROVABLE_REMOTES = [n for n, (e, _) in REMOTES.items() if e == "sharedpubkey"]
 
 
 @dataclass
@@ -64,6 +73,7 @@ class World:
     uuids: dict[str, str]
     gpg_log: Path
     traffic: Path
+    keyring: Path  # the client's GNUPGHOME, with the secret key; the proxy's is empty
 
     def admin(self, *args: str, cwd: Path, check: bool = True) -> str:
         return self.env.run(list(args), cwd=cwd, admin=True, check=check).stdout
@@ -87,11 +97,22 @@ class World:
                             self.uuids[name]])  # fmt: skip
         return [str(self.env.bin_dir / "ssh"), "localhost", command]
 
-    async def session(self, name: str, nursery: trio.Nursery) -> P2PSession:
-        return await P2PSession.spawn(
-            self.argv(name), nursery, name=name, expected_uuid=self.uuids[name],
-            env=dict(self.env), idle_timeout=120,
-        )  # fmt: skip
+    async def session(
+        self, name: str, nursery: trio.Nursery, *, keyring: bool = False
+    ) -> P2PSession:
+        """A client session over ssh; with ``keyring``, one straight to our shell whose
+        gpg has the secret key (the proxy of a hybrid or pubkey remote then holds it)."""
+        if not keyring:
+            return await P2PSession.spawn(
+                self.argv(name), nursery, name=name, expected_uuid=self.uuids[name],
+                env=dict(self.env), idle_timeout=120,
+            )  # fmt: skip
+        argv = p2pstdio_argv(self.env.srvbin_dir / "git-annex-shell", self.proxy,
+                             uuid=self.uuids[name])  # fmt: skip
+        env = {**self.env.admin_env(), "GNUPGHOME": str(self.keyring)}
+        env["PATH"] = f"{self.env.srvbin_dir}{os.pathsep}{env['PATH']}"
+        return await P2PSession.spawn(argv, nursery, name=name, expected_uuid=self.uuids[name],
+                                      env=env, idle_timeout=120)  # fmt: skip
 
     def shell(self, name: str) -> ShellSession:
         """Our shell on the proxy directly, for protocol-level checks."""
@@ -169,7 +190,7 @@ def world(
                 cwd=direct, admin=True)  # fmt: skip
         env.run(["git", "config", f"remote.{name}.annex-verified", "verified"],
                 cwd=direct, admin=True)  # fmt: skip
-    return World(env, proxy, client, direct, stores, uuids, gpg_log, traffic)
+    return World(env, proxy, client, direct, stores, uuids, gpg_log, traffic, home)
 
 
 def make_key(content: bytes, ext: str = ".bin") -> Key:
@@ -181,11 +202,12 @@ async def client_upload(world: World, name: str, content: bytes) -> tuple[Key, s
     path = world.client / f"up-{key.name[:12]}-{name}"
     path.write_bytes(content)
     said: list[str] = []
+    keyring = name in NEEDS_KEY
     async with trio.open_nursery() as nursery:
-        session = await world.session(name, nursery)
+        session = await world.session(name, nursery, keyring=keyring)
 
         async def reopen() -> P2PSession:
-            return await world.session(name, nursery)
+            return await world.session(name, nursery, keyring=keyring)
 
         session, agreed = await negotiate(session, reopen, said.append)
         assert agreed == {p2p.EXT_OBJECTS} and not said
@@ -304,15 +326,19 @@ SIZES = {"empty": 0, "small": 1000, "multi": 300 * KiB + 17}
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
-@pytest.mark.parametrize("name", sorted(REMOTES))
+@pytest.mark.parametrize("name", sorted(set(REMOTES) - set(UNPROVABLE_REMOTES)))
 async def test_client_encrypts_and_git_annex_reads(world: World, name: str, size: str) -> None:
     content = os.urandom(SIZES[size])
-    gpg_runs = world.gpg_log.read_text()
+    gpg_runs = len(world.gpg_log.read_text().splitlines())
     store = world.stores[name]
     before = store_files(store)
     key, result = await client_upload(world, name, content)
     assert result == "stored"
-    assert world.gpg_log.read_text() == gpg_runs, "the proxy ran gpg"
+    # The proxy ran gpg only to decrypt (what it read back to prove the key; for hybrid
+    # and pubkey the cipher too), never to encrypt: the objects are the client's.
+    runs = world.gpg_log.read_text().splitlines()[gpg_runs:]
+    assert all("--decrypt" in run for run in runs), runs
+    assert bool(runs) == (name in ENCRYPTED)
     new = store_files(store) - before
     chunk = REMOTES[name][1]
     chunk_size = chunks.parse_size(chunk) if chunk else None
@@ -328,14 +354,15 @@ async def test_client_encrypts_and_git_annex_reads(world: World, name: str, size
     assert (await client_upload(world, name, content))[1] == "already"
 
 
-async def test_store_never_holds_plaintext_and_proxy_sees_only_ciphertext(world: World) -> None:
+async def test_store_never_holds_plaintext(world: World) -> None:
     content = os.urandom(200 * KiB + 5)
     lines_before = world.traffic.read_text().splitlines() if world.traffic.exists() else []
-    keys = {name: (await client_upload(world, name, content))[0] for name in ENCRYPTED}
+    uploaded = [n for n in ENCRYPTED if n not in UNPROVABLE_REMOTES]
+    keys = {name: (await client_upload(world, name, content))[0] for name in uploaded}
     probes = [content[i : i + 32] for i in range(0, len(content) - 32, 2048)]
     key = keys["shchunk"]
     names = [str(key).encode(), key.name.split(".")[0].encode()]
-    for name in ENCRYPTED:
+    for name in uploaded:
         for path in store_files(world.stores[name]):
             assert path.name.startswith("GPGHMACSHA1--"), path
             data = path.read_bytes()
@@ -344,10 +371,12 @@ async def test_store_never_holds_plaintext_and_proxy_sees_only_ciphertext(world:
     # One traffic line per session; the upload sessions wrote to storage what they got.
     lines = world.traffic.read_text().splitlines()[len(lines_before) :]
     ours = [dict(w.split("=", 1) for w in ln.split()[1:]) for ln in lines]
-    assert {d["uuid"] for d in ours} == {world.uuids[n] for n in ENCRYPTED}
+    assert {d["uuid"] for d in ours} == {world.uuids[n] for n in uploaded}
     for d in ours:
         assert int(d["storage_written"]) > len(content)  # ciphertext is a bit longer
         assert int(d["client_in"]) >= int(d["storage_written"])
+        # Every object read back once, to prove the key before logging it.
+        assert int(d["storage_read"]) == int(d["storage_written"])
 
 
 # --- downloads ---------------------------------------------------------------------------------
@@ -558,15 +587,41 @@ def test_record_checks_every_object_before_logging(world: World) -> None:
     assert loc is None and world.proxy_branch_file(chunks.chunk_log_path(key)) is None
 
 
-def test_record_on_hybrid_trusts_names_but_not_absence(world: World) -> None:
+@pytest.mark.parametrize("name", [*NEEDS_KEY, *UNPROVABLE_REMOTES])
+async def test_no_uploads_where_the_proxy_cannot_read_back(world: World, name: str) -> None:
+    """Without the secret key the proxy cannot prove what a client stores: it stores
+    nothing, says why, and the client says so (and sends no object at all)."""
+    content = os.urandom(1000)
+    key = make_key(content)
+    path = world.client / f"refused-{name}"
+    path.write_bytes(content)
+    before = store_files(world.stores[name])
+    async with trio.open_nursery() as nursery:
+        session = await world.session(name, nursery)
+        agreed = await session.extensions([p2p.EXT_OBJECTS])
+        target = await special_target(world.logs(), world.uuids[name], name)
+        assert target is not None
+        with pytest.raises(P2PRefused, match="cannot verify objects"), path.open("rb") as f:
+            await upload_key(session, target, key, f, agreed=agreed,
+                             annexdir=world.client / ".git" / "annex")  # fmt: skip
+        await session.aclose()
+    assert store_files(world.stores[name]) == before
+    assert world.proxy_branch_file(location_log_path(key)) is None
+
+
+def test_record_on_hybrid_checks_names_with_the_key(world: World) -> None:
     key = make_key(os.urandom(10))
-    with world.shell("hychunk") as s:
+    env = {"GNUPGHOME": str(world.keyring)}
+    argv = p2pstdio_argv(world.env.srvbin_dir / "git-annex-shell", world.proxy,
+                         uuid=world.uuids["hychunk"])  # fmt: skip
+    path = f"{world.env.srvbin_dir}{os.pathsep}{world.env.admin_env()['PATH']}"
+    with ShellSession(argv, env={**world.env.admin_env(), **env, "PATH": path},
+                      cwd=world.proxy, timeout=120) as s:  # fmt: skip
         s.handshake()
         s.request("EXTENSIONS annexproxy-objects")
         assert record(s, key, 102400, ["GPGHMACSHA1--" + "e" * 40]) == "FAILURE"
         assert record(s, key, 102400, ["../evil"]) == "FAILURE"
-        # Still in step; and no cipher was needed (the proxy's keyring cannot open it).
-        assert s.request("CHECKOBJECT GPGHMACSHA1--" + "e" * 40) == "FAILURE"
+        assert s.request("CHECKOBJECT GPGHMACSHA1--" + "e" * 40) == "FAILURE"  # in step
     assert world.proxy_branch_file(location_log_path(key)) is None
 
 

@@ -40,12 +40,23 @@ Rows (probe -> expected):
       without -s, or its chunks) -> no URL at all, and the plain PUT's chunks survive
 - X17 plain PUT/GET/CHECKPRESENT/REMOVE of a URL key with `.`/`..` segments on S3 ->
       ERROR before any request names it (the extension's object-name rule)
+- X18 poisoned content: PUTOBJECT of each chunk name with the wrong content of the right
+      length (zeros; on a shared-cipher remote well-encrypted zeros, or no gpg at all),
+      then RECORD -> FAILURE, no location or chunk log, never served VALID; the session's
+      own objects removed with full write access, kept (append-only) but overwritten by
+      a later plain PUT; another session's objects never removed
+- X19 keys without a hash (WORM) -> proven by size (and decryption) only, as a plain PUT
+- X20 hybrid remote, proxy without the secret key -> uploads refused (ERROR), reads
+      served; with the key, RECORD decrypts and verifies
+- X21 GET of objects that are not the key's (put there by any means), from an offset
+      too -> INVALID
 
-Known limits, by design (HACKING.md "P2P extensions"): the proxy cannot check encrypted
-objects' or chunks' content, and on a hybrid/pubkey remote it cannot compute the names a
-RECORD must list (the client that downloads verifies the key). A presigned URL stays
-usable until it expires, also after another writer stored the object (S3 conditional
-writes, `If-None-Match: *` signed, would close that; see the report).
+Known limits, by design (HACKING.md "P2P extensions"): RECORD reads every object back
+(for S3 indirect uploads the proxy downloads what it never uploaded), except an
+unencrypted whole key this session hashed itself. An append-only client can leave objects
+the proxy never proves under names of keys it knows (never logged, never served VALID);
+a later RECORD of those keys fails until a plain PUT overwrites them. A presigned URL stays
+usable until it expires; `If-None-Match: *` (signed) keeps it from overwriting anything.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ import os
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,14 +76,16 @@ import trio
 from conftest import SshEnv, make_ssh_env
 from p2pdriver import ShellSession, p2pstdio_argv
 from s3server import MotoServer, moto_server
+from test_special import gpg_home_with_key, stop_gpg_agent
 
 from git_remote_annexproxy import chunks, p2p
 from git_remote_annexproxy.annexlog import location_log_path
-from git_remote_annexproxy.crypto import Cipher, encrypted_key, stored_cipher
+from git_remote_annexproxy.crypto import Cipher, Gpg, encrypted_key, stored_cipher
 from git_remote_annexproxy.httpput import http_put
 from git_remote_annexproxy.keys import Key
 from git_remote_annexproxy.repologs import parse_remote_log
-from shell.objectserve import MAX_RECORD_DATA
+from git_remote_annexproxy.specialformat import Encryption, write_object
+from shell.objectserve import MAX_RECORD_DATA, UNPROVABLE
 from shell.restrict import APPENDONLY_DENIED, READONLY_DENIED
 
 KiB = 1024
@@ -124,6 +137,7 @@ class DirWorld:
     proxy: Path
     stores: dict[str, Path]
     uuids: dict[str, str]  # the special remotes, "node1" (a git repo) and "cluster"
+    keyring: Path  # a GNUPGHOME with the secret key of "hybrid" (the proxy's has none)
 
     def admin(self, *args: str) -> str:
         return self.env.run(list(args), cwd=self.proxy, admin=True).stdout
@@ -150,23 +164,54 @@ class DirWorld:
         return {p for p in self.stores[name].rglob("*") if p.is_file()}
 
     def shared_cipher(self, name: str) -> Cipher:
+        """The remote's cipher (hybrid: decrypted with the secret key the proxy lacks)."""
         fields = parse_remote_log(self.branch_file("remote.log") or b"")[self.uuids[name]]
         stored = stored_cipher(fields)
         assert stored is not None
-        return Cipher(stored.data, mac_only=False)
+        if not stored.encrypted:
+            return Cipher(stored.data, mac_only=False)
+        done = subprocess.run(["gpg", "--batch", "--quiet", "--decrypt"], input=stored.data,
+                              env={**os.environ, "GNUPGHOME": str(self.keyring)}, check=True,
+                              capture_output=True, timeout=60)  # fmt: skip
+        return Cipher(done.stdout, mac_only=False)
+
+    def encrypt(self, name: str, plain: bytes) -> bytes:
+        """``plain`` encrypted as git-annex encrypts content for remote ``name``: what a
+        client that knows the cipher (a shared one is in remote.log) can always make."""
+        enc = Encryption(self.shared_cipher(name), "HMACSHA1", Gpg(), ())
+        out = bytearray()
+
+        async def feed() -> AsyncGenerator[bytes, None]:
+            yield plain
+
+        async def collect(_key: Key, data: AsyncIterator[bytes]) -> None:
+            async for piece in data:
+                out.extend(piece)
+
+        trio.run(write_object, enc, Key.parse(gpg_name("0")), feed(), collect, 60.0)
+        return bytes(out)
 
 
 # name: (encryption, chunk)
-DIR_REMOTES = {"enc": ("shared", "64KiB"), "plain": ("none", None), "plainchunk": ("none", "64KiB")}
+DIR_REMOTES = {"enc": ("shared", "64KiB"), "plain": ("none", None), "plainchunk": ("none", "64KiB"),
+               "encflat": ("shared", None), "hybrid": ("hybrid", "64KiB")}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def dirworld(
     tmp_path_factory: pytest.TempPathFactory, annex_bin: Path, our_shell: Path
-) -> DirWorld:
+) -> Iterator[DirWorld]:
     root = tmp_path_factory.mktemp("secext")
     gnupg = root / "ssh" / "empty-gnupg"
     gnupg.mkdir(parents=True, mode=0o700)
+    # The proxy's (and the admin's) keyring holds only the public key of "hybrid".
+    keyring = root / "keyring"
+    keyid = gpg_home_with_key(keyring)
+    public = subprocess.run(["gpg", "--export", keyid], check=True, capture_output=True,
+                            env={**os.environ, "GNUPGHOME": str(keyring)},
+                            timeout=60).stdout  # fmt: skip
+    subprocess.run(["gpg", "--batch", "--import"], input=public, check=True, capture_output=True,
+                   env={**os.environ, "GNUPGHOME": str(gnupg)}, timeout=60)  # fmt: skip
     env = make_ssh_env(root / "ssh", annex_bin, our_shell, server_env={"GNUPGHOME": str(gnupg)})
     env["GNUPGHOME"] = str(gnupg)
     proxy = env.make_server_repo("proxy.git", "proxy")
@@ -180,6 +225,7 @@ def dirworld(
         stores[name].mkdir(parents=True)
         args = ["git", "annex", "initremote", "-q", name, "type=directory",
                 f"directory={stores[name]}", f"encryption={encryption}"]  # fmt: skip
+        args += [f"keyid={keyid}"] if encryption == "hybrid" else []
         admin(*args, *([f"chunk={chunk}"] if chunk else []))
         admin("git", "config", f"remote.{name}.annex-proxy", "true")
     # A git repository behind the proxy, also the one node of a cluster.
@@ -194,7 +240,9 @@ def dirworld(
     uuids = {n: admin("git", "config", f"remote.{n}.annex-uuid").strip()
              for n in (*DIR_REMOTES, "node1")}  # fmt: skip
     uuids["cluster"] = admin("git", "config", "annex.cluster.mycluster").strip()
-    return DirWorld(env, proxy, stores, uuids)
+    yield DirWorld(env, proxy, stores, uuids, keyring)
+    for home in (keyring, gnupg):
+        stop_gpg_agent(home)
 
 
 # X1 ------------------------------------------------------------------------------------------
@@ -346,7 +394,10 @@ def test_x6_record_data_is_checked_and_bounded(dirworld: DirWorld) -> None:
 
 
 @pytest.mark.parametrize("remote", ["enc", "plainchunk", "plain"])
-def test_x7_record_cannot_claim_another_keys_objects(dirworld: DirWorld, remote: str) -> None:
+def test_x7_record_cannot_claim_another_keys_objects(
+    dirworld: DirWorld, remote: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GNUPGHOME", str(dirworld.keyring))
     theirs, mine = os.urandom(1000), os.urandom(1000)
     their_key, my_key = make_key(theirs), make_key(mine)
     encryption, chunk = DIR_REMOTES[remote]
@@ -356,9 +407,10 @@ def test_x7_record_cannot_claim_another_keys_objects(dirworld: DirWorld, remote:
         name = str(encrypted_key(dirworld.shared_cipher(remote), "HMACSHA1", piece))
     else:
         name = str(piece)
+    obj = dirworld.encrypt(remote, theirs) if encryption == "shared" else theirs
     with dirworld.session(remote) as s:
         s.request("EXTENSIONS annexproxy-objects")
-        assert put_object(s, name, theirs) == "SUCCESS"
+        assert put_object(s, name, obj) == "SUCCESS"
         assert record(s, my_key, chunk_size, [name]) == "FAILURE"
         assert record(s, their_key, chunk_size, [name]) == "SUCCESS"
     assert dirworld.branch_file(location_log_path(my_key)) is None
@@ -431,6 +483,198 @@ def test_x10_sizes_never_preallocated_and_data_must_match(dirworld: DirWorld) ->
         assert s.at_eof()
     assert len(dirworld.objects("enc") - before) == 1
     assert not [p for p in (dirworld.proxy / "annex" / "othertmp").glob("*") if p.is_file()]
+
+
+# X18 -----------------------------------------------------------------------------------------
+
+
+def get_key(s: ShellSession, key: Key, offset: int = 0) -> tuple[str, bytes | None, str | None]:
+    """A plain GET of ``key``: the answer line, the bytes and the verdict (if DATA)."""
+    answer = s.request(f"GET {offset} x.bin {key}")
+    if not answer.startswith("DATA "):
+        return answer, None, None
+    data = s.read_exact(int(answer.split()[1]))
+    verdict = s.readline()
+    s.send("SUCCESS" if verdict == "VALID" else "FAILURE")
+    return answer, data, verdict
+
+
+def plain_put(dirworld: DirWorld, remote: str, key: Key, content: bytes) -> None:
+    with dirworld.session(remote) as s:
+        assert s.request(f"PUT x.bin {key}") == "PUT-FROM 0"
+        s.send_data(content)
+        assert s.request("VALID") == "SUCCESS"
+        assert s.finish().code == 0
+
+
+@pytest.mark.parametrize("mode", ["readwrite", "appendonly"])
+def test_x18_poisoned_chunks_are_never_recorded(dirworld: DirWorld, mode: str) -> None:
+    """The issue's case: zeros of the right length under each chunk name, then RECORD."""
+    env = {"GIT_ANNEX_SHELL_APPENDONLY": "1"} if mode == "appendonly" else {}
+    content = os.urandom(CHUNK + 1000)
+    key = make_key(content)
+    c1, c2 = chunks.chunk_keys(key, CHUNK, 2)
+    before = dirworld.objects("plainchunk")
+    with dirworld.session("plainchunk", **env) as s:
+        s.request("EXTENSIONS annexproxy-objects")
+        assert put_object(s, str(c1), bytes(CHUNK)) == "SUCCESS"  # sizes are all it checks
+        assert put_object(s, str(c2), bytes(1000)) == "SUCCESS"
+        assert record(s, key, CHUNK, [str(c1), str(c2)]) == "FAILURE"
+        assert s.request(f"CHECKPRESENT {key}") == "FAILURE"
+        answer, _, verdict = get_key(s, key)
+        assert answer.startswith("ERROR") and verdict is None
+        result = s.finish()
+    assert result.code == 0 and "content is not the key's" in result.stderr
+    assert dirworld.branch_file(location_log_path(key)) is None
+    assert dirworld.branch_file(chunks.chunk_log_path(key)) is None
+    # What the session stored and failed to prove: removed with full write access only.
+    left = dirworld.objects("plainchunk") - before
+    assert len(left) == (2 if mode == "appendonly" else 0)
+    # Left behind, the zeros are no head start for the real content: a plain PUT writes
+    # every chunk (git-annex's seekResume would keep the present ones).
+    plain_put(dirworld, "plainchunk", key, content)
+    with dirworld.session("plainchunk") as s:
+        assert get_key(s, key)[1:] == (content, "VALID")
+
+
+@pytest.mark.parametrize("remote", ["enc", "encflat"])
+@pytest.mark.parametrize("mode", ["readwrite", "appendonly"])
+def test_x18_poisoned_encrypted_objects_are_never_recorded(
+    dirworld: DirWorld, remote: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared cipher is in remote.log: any client can encrypt the wrong content well.
+    The proxy decrypts what was stored and verifies the key before it logs anything."""
+    monkeypatch.setenv("GNUPGHOME", str(dirworld.keyring))
+    env = {"GIT_ANNEX_SHELL_APPENDONLY": "1"} if mode == "appendonly" else {}
+    content = os.urandom(1000)
+    key = make_key(content)
+    chunk_size = CHUNK if DIR_REMOTES[remote][1] else 0
+    piece = chunks.chunk_keys(key, CHUNK, 1)[0] if chunk_size else key
+    name = str(encrypted_key(dirworld.shared_cipher(remote), "HMACSHA1", piece))
+    forged = dirworld.encrypt(remote, bytes(1000))
+    before = dirworld.objects(remote)
+    with dirworld.session(remote, **env) as s:
+        s.request("EXTENSIONS annexproxy-objects")
+        assert put_object(s, name, forged) == "SUCCESS"
+        assert record(s, key, chunk_size, [name]) == "FAILURE"  # decrypts to zeros
+        if mode == "readwrite":  # removed: the name is free again
+            assert put_object(s, name, b"not even gpg") == "SUCCESS"
+            assert record(s, key, chunk_size, [name]) == "FAILURE"  # does not decrypt
+        # Never served as the key's content, whatever is stored (unchunked and kept: the
+        # forgery decrypts fine, to zeros).
+        answer, _, verdict = get_key(s, key)
+        if remote == "encflat" and mode == "appendonly":
+            assert (answer, verdict) == ("DATA 1000", "INVALID")
+        else:
+            assert answer.startswith("ERROR")
+        assert s.finish().code == 0
+    assert dirworld.branch_file(location_log_path(key)) is None
+    assert len(dirworld.objects(remote) - before) == (1 if mode == "appendonly" else 0)
+
+
+def test_x18_a_failed_record_removes_only_what_the_session_stored(dirworld: DirWorld) -> None:
+    content = os.urandom(CHUNK + 10)
+    key = make_key(content)
+    c1, c2 = map(str, chunks.chunk_keys(key, CHUNK, 2))
+    store = dirworld.stores["plainchunk"]
+    with dirworld.session("plainchunk", GIT_ANNEX_SHELL_APPENDONLY="1") as other:
+        other.request("EXTENSIONS annexproxy-objects")
+        assert put_object(other, c1, bytes(CHUNK)) == "SUCCESS"  # never recorded
+    with dirworld.session("plainchunk") as s:
+        s.request("EXTENSIONS annexproxy-objects")
+        assert put_object(s, c1, content[:CHUNK]) == "ALREADY-HAVE"
+        assert put_object(s, c2, content[CHUNK:]) == "SUCCESS"
+        assert record(s, key, CHUNK, [c1, c2]) == "FAILURE"
+        assert s.request(f"CHECKOBJECT {c2}") == "FAILURE"  # its own: removed
+        assert s.request(f"CHECKOBJECT {c1}") == "SUCCESS"  # the other session's: kept
+    assert {p.name for p in store.rglob("*") if p.is_file()} >= {Key.parse(c1).keyfile()}
+    assert dirworld.branch_file(location_log_path(key)) is None
+
+
+# X19 -----------------------------------------------------------------------------------------
+
+
+def test_x19_keys_without_a_hash_are_proven_by_size(
+    dirworld: DirWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WORM (and URL) keys carry no hash: nothing can prove their content, and a plain PUT
+    accepts any content of their size too (git-annex as well). The extension gives no
+    more: their objects must have the key's size (and decrypt, encrypted)."""
+    monkeypatch.setenv("GNUPGHOME", str(dirworld.keyring))
+    key = Key.parse(f"WORM-s{CHUNK + 5}-m1700000000--x19.bin")
+    c1, c2 = map(str, chunks.chunk_keys(key, CHUNK, 2))
+    with dirworld.session("plainchunk") as s:
+        s.request("EXTENSIONS annexproxy-objects")
+        assert put_object(s, c2, bytes(6)) == "FAILURE"  # the chunk's size is known
+        assert put_object(s, c1, bytes(CHUNK)) == "SUCCESS"
+        assert put_object(s, c2, bytes(5)) == "SUCCESS"
+        assert record(s, key, CHUNK, [c1, c2]) == "SUCCESS"
+    small = Key.parse("WORM-s5-m1700000000--x19small.bin")
+    name = str(encrypted_key(dirworld.shared_cipher("encflat"), "HMACSHA1", small))
+    with dirworld.session("encflat") as s:
+        s.request("EXTENSIONS annexproxy-objects")
+        assert put_object(s, name, dirworld.encrypt("encflat", b"123456")) == "SUCCESS"
+        assert record(s, small, 0, [name]) == "FAILURE"  # decrypts to 6 bytes, not 5
+        assert put_object(s, name, dirworld.encrypt("encflat", b"12345")) == "SUCCESS"
+        assert record(s, small, 0, [name]) == "SUCCESS"
+
+
+# X20 -----------------------------------------------------------------------------------------
+
+
+def test_x20_no_uploads_where_the_proxy_cannot_read_back(
+    dirworld: DirWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hybrid: the proxy proves a RECORD only with the secret key. Without it (its keyring
+    has the public key only) it stores nothing a client sends (a client's word alone never
+    makes a location log); objects are still served. With it, every RECORD is decrypted
+    and verified."""
+    name = gpg_label("x20")
+    key = make_key(b"x20")
+    before = dirworld.objects("hybrid")
+    with dirworld.session("hybrid") as s:
+        assert s.request("EXTENSIONS annexproxy-objects") == "EXTENSIONS annexproxy-objects"
+        assert s.request(f"CHECKOBJECT {name}") == "FAILURE"
+        assert s.request(f"PUTOBJECT {name} 3") == f"ERROR {UNPROVABLE}"
+        assert record(s, key, CHUNK, [name]) == f"ERROR {UNPROVABLE}"
+        assert s.request(f"PUTOBJECT {name} 3") == f"ERROR {UNPROVABLE}"  # asked once
+        in_step(s)
+        result = s.finish()
+    assert result.code == 0
+    assert dirworld.objects("hybrid") == before
+    assert dirworld.branch_file(location_log_path(key)) is None
+    monkeypatch.setenv("GNUPGHOME", str(dirworld.keyring))
+    content = os.urandom(500)
+    key = make_key(content)
+    piece = chunks.chunk_keys(key, CHUNK, 1)[0]
+    obj = str(encrypted_key(dirworld.shared_cipher("hybrid"), "HMACSHA1", piece))
+    with dirworld.session("hybrid", GNUPGHOME=str(dirworld.keyring)) as s:
+        assert s.request("EXTENSIONS annexproxy-objects") == "EXTENSIONS annexproxy-objects"
+        assert put_object(s, obj, dirworld.encrypt("hybrid", bytes(500))) == "SUCCESS"
+        assert record(s, key, CHUNK, [obj]) == "FAILURE"
+        assert put_object(s, obj, dirworld.encrypt("hybrid", content)) == "SUCCESS"
+        assert record(s, key, CHUNK, [obj]) == "SUCCESS"
+        assert get_key(s, key)[1:] == (content, "VALID")
+
+
+# X21 -----------------------------------------------------------------------------------------
+
+
+def test_x21_get_never_calls_bad_content_valid(dirworld: DirWorld) -> None:
+    """However objects got into the storage (here: written there directly), a GET says
+    VALID only for content that is the key's; from an offset too."""
+    content = os.urandom(3000)
+    key = make_key(content)
+    path = dirworld.stores["plain"] / key.hashdir_lower() / key.keyfile() / key.keyfile()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(3000))
+    with dirworld.session("plain") as s:
+        assert get_key(s, key) == ("DATA 3000", bytes(3000), "INVALID")
+        assert get_key(s, key, 1000) == ("DATA 2000", bytes(2000), "INVALID")
+        in_step(s)
+    path.write_bytes(content)
+    with dirworld.session("plain") as s:
+        assert get_key(s, key, 1000) == ("DATA 2000", content[1000:], "VALID")
 
 
 # X11 -----------------------------------------------------------------------------------------
@@ -696,6 +940,33 @@ def test_x16_no_presign_for_a_key_without_size(s3world: S3World) -> None:
         reader.send("SUCCESS")
         in_step(reader)
     assert answer == "FAILURE" and whole == "FAILURE"
+
+
+# X18 (indirect) --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["readwrite", "appendonly"])
+def test_x18_poisoned_indirect_chunks_are_never_recorded(
+    s3world: S3World, mode: str, tmp_path: Path
+) -> None:
+    """Zeros of the right length uploaded through the URLs (their checksums claimed
+    honestly: INDIRECTDONE is satisfied), then RECORD: read back, not the key's."""
+    env = {"GIT_ANNEX_SHELL_APPENDONLY": "1"} if mode == "appendonly" else {}
+    content = os.urandom(CHUNK + 300)
+    key = make_key(content)
+    pieces = chunks.chunk_keys(key, CHUNK, 2)
+    with s3world.session("s3chunk", **env) as s:
+        for piece, n in zip(pieces, (CHUNK, 300), strict=True):
+            reply = presign(s, str(piece), n, sha(bytes(n)))
+            upload(reply, bytes(n), tmp_path)
+            assert s.request(f"INDIRECTDONE {piece}") == "SUCCESS"
+        assert record(s, key, CHUNK, [str(p) for p in pieces]) == "FAILURE"
+        assert s.finish().code == 0
+    assert s3world.branch_file(location_log_path(key)) is None
+    assert s3world.branch_file(chunks.chunk_log_path(key)) is None
+    # Its own uploads (they carry its presigns' tags): removed with full write access.
+    left = [p for p in pieces if s3world.has("s3chunk", str(p))]
+    assert len(left) == (2 if mode == "appendonly" else 0)
 
 
 # X5 (indirect) ---------------------------------------------------------------------------------
