@@ -267,7 +267,8 @@ class Decryptor:
         self._mdc.update(data)
         if self._prefix_left:
             # The random prefix (a block and a repeat of its last two bytes). Its "quick
-            # check" is deliberately not used: only the MDC decides (RFC 9580 5.13.2).
+            # check" is deliberately not used: answering early on it is the oracle RFC
+            # 4880's security considerations warn about. Only the MDC decides.
             cut = min(self._prefix_left, len(data))
             self._prefix_left -= cut
             data = data[cut:]
