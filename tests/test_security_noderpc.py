@@ -46,7 +46,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import SshEnv, SshEnvFactory
+from conftest import SshEnv, SshEnvFactory, shell_error
 from rpcdriver import RpcSession, hello, request
 
 from git_remote_annexproxy import rpc
@@ -55,7 +55,6 @@ from git_remote_annexproxy.rpcmethods import MAX_LOCKS, MAX_STREAMS
 from shell import restrict
 
 ALLOW = {restrict.ALLOW_NODERPC: "1"}
-REFUSED = f"git-annex-shell: {restrict.NODERPC_REFUSED}\n"
 PEAK_LIMIT_KIB = 64 * 1024
 
 BIG = hashlib.shake_256(b"noderpc big").digest(4 << 20)
@@ -166,7 +165,8 @@ def test_n1_refused_to_forced_commands(
     directory = node.repo if where == "repo" else node.env.srv / "missing.git"
     before = node.tree()
     proc = _ssh_noderpc(node, server_env, mode, directory)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", REFUSED)
+    refused = shell_error(restrict.NODERPC_REFUSED)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", refused)
     assert node.tree() == before
 
 
@@ -185,7 +185,8 @@ def test_n1_refused_in_every_form(
     server = {**node.env.admin_env(), **env}
     proc = subprocess.run(argv, env=server, input="", capture_output=True, text=True,
                           timeout=60, check=False)  # fmt: skip
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", REFUSED)
+    refused = shell_error(restrict.NODERPC_REFUSED)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", refused)
 
 
 @pytest.mark.parametrize(("mode", "server_env"), [("shell", {}), ("forced", ALLOW)])
@@ -235,7 +236,7 @@ def test_n4_directory_key(node: Node) -> None:
     server_env = {**ALLOW, restrict.DIRECTORY: str(node.repo)}
     proc = _ssh_noderpc(node, server_env, "forced", other)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == f"git-annex-shell: Only allowed to access {node.repo} not {other}\n"
+    assert proc.stderr == shell_error(f"Only allowed to access {node.repo} not {other}")
 
 
 # --- N5-N8: bounded whatever the client does -----------------------------------------------------
