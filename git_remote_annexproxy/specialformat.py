@@ -487,9 +487,16 @@ async def _decrypt(
             finally:
                 os.close(fd)
         else:
+            # Network pieces are small: gathered to READ_SIZE, one thread hop each.
+            pending = bytearray()
             async with contextlib.aclosing(source.retrieve(target)) as it:
                 async for piece in it:
-                    await trio.to_thread.run_sync(_write_all, decryptor.feed(piece), plain)
+                    pending += piece
+                    if len(pending) >= READ_SIZE:
+                        data, pending = bytes(pending), bytearray()
+                        await trio.to_thread.run_sync(_write_all, decryptor.feed(data), plain)
+            if pending:
+                await trio.to_thread.run_sync(_write_all, decryptor.feed(pending), plain)
         await trio.to_thread.run_sync(_write_all, decryptor.finish(), plain)
     except Unsupported:
         plain.close()
