@@ -233,17 +233,13 @@ class RepositoryService:
         name within 4 bytes of the limit, a read-only store)."""
         if not self.store.has(key):
             raise NotPresent("content not present")
-        stack = ExitStack()
         try:
-            stack.enter_context(self.store.lock_shared(key))
-            self.store.write_retention(key)
+            with ExitStack() as stack:  # released here unless the Hold takes it over
+                stack.enter_context(self.store.lock_shared(key))
+                self.store.write_retention(key)
+                return Hold(self, key, stack.pop_all())
         except FileNotFoundError:
-            stack.close()
             raise NotPresent("content not present") from None
-        except BaseException:
-            stack.close()
-            raise
-        return Hold(self, key, stack)
 
     def remove(self, key: Key, *, before: int | None = None) -> str:
         """Remove the content (REMOVE, or REMOVE-BEFORE `before`); a RemoveOutcome.
@@ -280,32 +276,24 @@ class RepositoryService:
         self.check_write(removal=False)
         if self.store.has(key):
             return None
-        stack = ExitStack()
-        try:
+        with ExitStack() as stack:  # closed here unless the Upload takes it over
             receive = stack.enter_context(self.store.begin_receive(key))
             self._record(stack, "download", key, af)
-        except BaseException:
-            stack.close()
-            raise
-        return Upload(self, key, receive, stack)
+            return Upload(self, key, receive, stack.pop_all())
 
     def open_get(self, key: Key, offset: int, af: str | None) -> Download:
         """Open `key` for sending from `offset` (see Download on why no lock). Raises
         NotPresent."""
-        stack = ExitStack()
         try:
             fh = self.store.open_object(key)
-            if fh is None:
-                raise NotPresent("content not present")
+        except FileNotFoundError:
+            fh = None
+        if fh is None:
+            raise NotPresent("content not present")
+        with ExitStack() as stack:  # closed here unless the Download takes it over
             stack.enter_context(fh)
             self._record(stack, "upload", key, af)
-            return Download(fh, offset, stack)
-        except FileNotFoundError:
-            stack.close()
-            raise NotPresent("content not present") from None
-        except BaseException:
-            stack.close()
-            raise
+            return Download(fh, offset, stack.pop_all())
 
     def log(self, key: Key, *, present: bool) -> None:
         """This repository's location log for `key`; LocationLogError if it cannot be
