@@ -50,13 +50,14 @@ def lines(data: bytes) -> list[bytes]:
     return [ln for ln in _LINE_SPLIT_RE.split(data) if ln]
 
 
-def _newest(entries: list[tuple[str, ClockKey, T]]) -> dict[str, tuple[ClockKey, T]]:
+def _newest(entries: list[tuple[str, ClockKey, T]]) -> dict[str, T]:
+    """`M.fromListWith best`: the greatest clock per field, the later line on a tie."""
     best: dict[str, tuple[ClockKey, T]] = {}
     for field, clock, value in entries:
         old = best.get(field)
         if old is None or not old[0] > clock:
             best[field] = (clock, value)
-    return best
+    return {field: value for field, (_, value) in best.items()}
 
 
 def split_old_line(line: bytes) -> tuple[bytes, bytes, ClockKey] | None:
@@ -73,11 +74,9 @@ def split_old_line(line: bytes) -> tuple[bytes, bytes, ClockKey] | None:
     return uuid, rest[1:], UNKNOWN
 
 
-def parse_old_entries(
-    data: bytes, value: Callable[[bytes], T | None]
-) -> dict[str, tuple[ClockKey, T]]:
-    """Old layout -> {uuid: (clock, parsed value)}, newest per UUID; lines whose value
-    ``value`` refuses (returns None for) are skipped before the newest is chosen."""
+def parse_old(data: bytes, value: Callable[[bytes], T | None]) -> dict[str, T]:
+    """Old layout -> {uuid: parsed value}, newest per UUID; lines whose value ``value``
+    refuses (returns None for) are skipped before the newest is chosen."""
     entries: list[tuple[str, ClockKey, T]] = []
     for line in lines(data):
         split = split_old_line(line)
@@ -90,14 +89,8 @@ def parse_old_entries(
     return _newest(entries)
 
 
-def parse_old(data: bytes, value: Callable[[bytes], T | None]) -> dict[str, T]:
-    return {u: v for u, (_, v) in parse_old_entries(data, value).items()}
-
-
-def parse_new_entries(
-    data: bytes, value: Callable[[bytes], T | None]
-) -> dict[str, tuple[ClockKey, T]]:
-    """New layout / map log -> {field: (clock, parsed value)}, newest per field."""
+def parse_new(data: bytes, value: Callable[[bytes], T | None]) -> dict[str, T]:
+    """New layout / map log -> {field: parsed value}, newest per field."""
     entries: list[tuple[str, ClockKey, T]] = []
     for line in lines(data):
         stamp, sep1, rest = line.partition(b" ")
@@ -111,10 +104,6 @@ def parse_new_entries(
         if parsed is not None:
             entries.append((_dec(field), _clock_key(clock), parsed))
     return _newest(entries)
-
-
-def parse_new(data: bytes, value: Callable[[bytes], T | None]) -> dict[str, T]:
-    return {f: v for f, (_, v) in parse_new_entries(data, value).items()}
 
 
 def text_value(raw: bytes) -> str:
@@ -150,29 +139,17 @@ def readish_int(raw: bytes) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def parse_single(data: bytes, value: Callable[[bytes], T | None]) -> list[tuple[ClockKey, T]]:
-    """Single-value log -> its parsed (clock, value) entries (``T VALUE`` lines)."""
-    out: list[tuple[ClockKey, T]] = []
-    for line in lines(data):
-        stamp, sep, raw = line.partition(b" ")
-        clock = VectorClock.parse(stamp)
-        if not sep or clock is None:
-            continue
-        parsed = value(raw)
-        if parsed is not None:
-            out.append((_clock_key(clock), parsed))
-    return out
-
-
-def newest_single(data: bytes, value: Callable[[bytes], int | None]) -> int | None:
-    """The newest value of a single-value log of numbers (``newestValue``: the greatest
-    (clock, value), so the greater value on equal clocks)."""
-    entries = parse_single(data, value)
-    return max(entries)[1] if entries else None
-
-
 def configured_copies(data: bytes) -> int | None:
     """numcopies.log / mincopies.log: the newest value, below 1 read as 1
     (``configuredNumCopies``); None when the log sets nothing."""
-    newest = newest_single(data, readish_int)
-    return None if newest is None else max(newest, 1)
+    entries: list[tuple[ClockKey, int]] = []
+    for line in lines(data):
+        stamp, sep, raw = line.partition(b" ")
+        clock = VectorClock.parse(stamp)
+        value = readish_int(raw) if sep and clock is not None else None
+        if clock is not None and value is not None:
+            entries.append((_clock_key(clock), value))
+    if not entries:
+        return None
+    # newestValue: the greatest (clock, value), so the greater value on equal clocks.
+    return max(max(entries)[1], 1)
