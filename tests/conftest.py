@@ -23,7 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -353,3 +353,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# -- gpg ----------------------------------------------------------------------------------------
+
+
+def gpg_home_with_key(home: Path) -> str:
+    """A throwaway GNUPGHOME holding one passphrase-less key pair; returns the key id."""
+    home.mkdir(mode=0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    subprocess.run(
+        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+         "annexproxy test <test@annexproxy.invalid>", "default", "default", "never"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    listing = subprocess.run(
+        ["gpg", "--with-colons", "--list-keys"], env=env, check=True, capture_output=True,
+        text=True, timeout=60,
+    ).stdout
+    return next(line.split(":")[4] for line in listing.splitlines() if line.startswith("pub:"))
+
+
+def stop_gpg_agent(home: Path) -> None:
+    subprocess.run(
+        ["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)},
+        check=False, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gnupg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """A GNUPGHOME with one passphrase-less key pair, per test module; (home, key id)."""
+    home = tmp_path_factory.mktemp("gpg") / "home"
+    keyid = gpg_home_with_key(home)
+    yield home, keyid
+    stop_gpg_agent(home)

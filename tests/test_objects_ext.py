@@ -18,7 +18,6 @@ import hashlib
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import trio
 from clusterbuild import real_shell
 from conftest import SshEnv, make_ssh_env
 from p2pdriver import CLIENT_UUID, ShellSession, p2pstdio_argv
-from test_special import gpg_home_with_key, stop_gpg_agent, store_files
+from test_special import store_files
 
 from git_remote_annexproxy import chunks, p2p
 from git_remote_annexproxy.annexlog import location_log_path
@@ -114,6 +113,20 @@ class World:
         return await P2PSession.spawn(argv, nursery, name=name, expected_uuid=self.uuids[name],
                                       env=env, idle_timeout=120)  # fmt: skip
 
+    def stored_by_git_annex(self, name: str, filename: str, content: bytes) -> Key:
+        """`content` added as `filename` in the direct clone and copied to remote `name`
+        by git-annex itself; the location logs pushed and fetched by our client."""
+        (self.direct / filename).write_bytes(content)
+        self.admin("git", "annex", "add", "-q", filename, cwd=self.direct)
+        self.admin("git", "commit", "-q", "-m", filename, cwd=self.direct)
+        key = Key.parse(self.admin("git", "annex", "lookupkey", filename, cwd=self.direct).strip())
+        self.admin("git", "annex", "copy", "-q", "--to", name, filename, cwd=self.direct)
+        self.admin("git", "fetch", "-q", "origin", cwd=self.direct)
+        self.admin("git", "annex", "merge", "-q", cwd=self.direct)
+        self.admin("git", "push", "-q", "origin", "git-annex", cwd=self.direct)
+        self.client_fetch()
+        return key
+
     def shell(self, name: str) -> ShellSession:
         """Our shell on the proxy directly, for protocol-level checks."""
         argv = p2pstdio_argv(self.env.srvbin_dir / "git-annex-shell", self.proxy,
@@ -121,14 +134,6 @@ class World:
         env = {**self.env.admin_env(), "GNUPGHOME": str(self.env.root / "empty-gnupg")}
         env["PATH"] = f"{self.env.srvbin_dir}{os.pathsep}{env['PATH']}"
         return ShellSession(argv, env=env, cwd=self.proxy, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def gnupg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    home = tmp_path_factory.mktemp("gpg") / "home"
-    keyid = gpg_home_with_key(home)
-    yield home, keyid
-    stop_gpg_agent(home)
 
 
 @pytest.fixture(autouse=True)
@@ -388,15 +393,7 @@ async def test_store_never_holds_plaintext(world: World) -> None:
 async def test_client_decrypts_what_git_annex_stored(world: World, name: str) -> None:
     content = os.urandom(150 * KiB + 3)
     filename = f"theirs-{name}.bin"
-    (world.direct / filename).write_bytes(content)
-    world.admin("git", "annex", "add", "-q", filename, cwd=world.direct)
-    world.admin("git", "commit", "-q", "-m", filename, cwd=world.direct)
-    key = Key.parse(world.admin("git", "annex", "lookupkey", filename, cwd=world.direct).strip())
-    world.admin("git", "annex", "copy", "-q", "--to", name, filename, cwd=world.direct)
-    world.admin("git", "fetch", "-q", "origin", cwd=world.direct)
-    world.admin("git", "annex", "merge", "-q", cwd=world.direct)
-    world.admin("git", "push", "-q", "origin", "git-annex", cwd=world.direct)
-    world.client_fetch()
+    key = world.stored_by_git_annex(name, filename, content)
     got = bytearray()
 
     async def write(piece: bytes) -> None:
@@ -492,15 +489,7 @@ async def test_client_decrypts_git_annex_objects_without_gpg(
 ) -> None:
     content = edge_content(EDGE[size])
     filename = f"edge-{name}-{size}.bin"
-    (world.direct / filename).write_bytes(content)
-    world.admin("git", "annex", "add", "-q", filename, cwd=world.direct)
-    world.admin("git", "commit", "-q", "-m", filename, cwd=world.direct)
-    key = Key.parse(world.admin("git", "annex", "lookupkey", filename, cwd=world.direct).strip())
-    world.admin("git", "annex", "copy", "-q", "--to", name, filename, cwd=world.direct)
-    world.admin("git", "fetch", "-q", "origin", cwd=world.direct)
-    world.admin("git", "annex", "merge", "-q", cwd=world.direct)
-    world.admin("git", "push", "-q", "origin", "git-annex", cwd=world.direct)
-    world.client_fetch()
+    key = world.stored_by_git_annex(name, filename, content)
     got = bytearray()
 
     async def write(piece: bytes) -> None:

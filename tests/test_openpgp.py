@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher as CryptoCipher
 from cryptography.hazmat.primitives.ciphers import algorithms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_special import MemoryStorage, gpg_home_with_key, stop_gpg_agent
+from test_special import MemoryStorage
 
 from git_remote_annexproxy.crypto import Cipher, Gpg, GpgError
 from git_remote_annexproxy.keys import Key
@@ -71,14 +71,6 @@ def annex_cipher() -> Cipher:
 
 CIPHER = annex_cipher()
 PASSPHRASE = CIPHER.passphrase or b""
-
-
-@pytest.fixture(scope="module")
-def gnupg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    home = tmp_path_factory.mktemp("gpg") / "home"
-    keyid = gpg_home_with_key(home)
-    yield home, keyid
-    stop_gpg_agent(home)
 
 
 def run_gpg(argv: list[str], home: Path, data: bytes, passphrase: bytes | None = None) -> bytes:

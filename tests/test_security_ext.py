@@ -73,10 +73,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import SshEnv, make_ssh_env
+from conftest import SshEnv, gpg_home_with_key, make_ssh_env, stop_gpg_agent
 from p2pdriver import ShellSession, p2pstdio_argv
 from s3server import MotoServer, moto_server
-from test_special import gpg_home_with_key, stop_gpg_agent
 
 from git_remote_annexproxy import chunks, p2p
 from git_remote_annexproxy.annexlog import location_log_path

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SshEnv, make_ssh_env
+from conftest import SshEnv, make_ssh_env, stop_gpg_agent
 from p2pdriver import ShellSession, p2pstdio_argv, sha256e_key
 
 from git_remote_annexproxy import chunks
@@ -259,29 +259,6 @@ async def test_special_remote_over_a_non_local_storage(
 # --- a local git-annex repository with special remotes (no proxy) ---------------------------
 
 
-def gpg_home_with_key(home: Path) -> str:
-    """A throwaway GNUPGHOME holding one passphrase-less key pair; returns the key id."""
-    home.mkdir(mode=0o700)
-    env = {**os.environ, "GNUPGHOME": str(home)}
-    subprocess.run(
-        ["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
-         "annexproxy test <test@annexproxy.invalid>", "default", "default", "never"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    listing = subprocess.run(
-        ["gpg", "--with-colons", "--list-keys"], env=env, check=True, capture_output=True,
-        text=True, timeout=60,
-    ).stdout
-    return next(line.split(":")[4] for line in listing.splitlines() if line.startswith("pub:"))
-
-
-def stop_gpg_agent(home: Path) -> None:
-    subprocess.run(
-        ["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)},
-        check=False, capture_output=True, timeout=60,
-    )  # fmt: skip
-
-
 @dataclass
 class Local:
     """A plain git-annex repository on this machine, driven with the real binary."""
@@ -304,14 +281,6 @@ class Local:
             capture_output=True, timeout=60, check=False,
         )  # fmt: skip
         return proc.stdout if proc.returncode == 0 else None
-
-
-@pytest.fixture(scope="module")
-def gnupg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    home = tmp_path_factory.mktemp("gpg") / "home"
-    keyid = gpg_home_with_key(home)
-    yield home, keyid
-    stop_gpg_agent(home)
 
 
 def local_repo(root: Path, annex_bin: Path, gnupg_home: Path, wrapper: Path | None = None) -> Local:
